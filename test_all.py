@@ -233,6 +233,30 @@ def test_ddpm_parity_with_official_code(layout):
 
 
 # -----------------------------------------------------------------------------
+# The bundled model (models/train.py)
+
+ASSETS = os.path.join(HERE, "..", "shared", "assets")
+needs_cifar = pytest.mark.skipif(not os.path.isfile(os.path.join(ASSETS, "cifar10-fragment.npz")),
+                                 reason="../shared/assets/cifar10-fragment.npz is absent (real CIFAR-10 is not shipped)")
+
+
+@needs_cifar
+def test_bundled_model_is_the_trained_one():
+    """ε-MSE on noised real CIFAR-10 test images: the shipped weights must be far below an untrained UNet."""
+    from models.ddpm import CONFIGS, load_unet
+    with np.load(os.path.join(ASSETS, "cifar10-fragment.npz")) as z:
+        x0 = torch.from_numpy(z["test_images"][:256]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    g = torch.Generator().manual_seed(0)
+    t, eps = torch.randint(1000, (256,), generator=g), torch.randn(x0.shape, generator=g)
+    a = linear_alphas_cumprod().float()[t].view(-1, 1, 1, 1)
+    nets = load_unet("ddpm-cifar10-small"), UNet(**CONFIGS["ddpm-cifar10-small"]).eval()
+    with torch.no_grad():
+        trained, untrained = [(net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t.float()) - eps).pow(2).mean().item()
+                              for net in nets]
+    assert trained < 0.1 and untrained > 5 * trained, (trained, untrained)
+
+
+# -----------------------------------------------------------------------------
 # Command line: bad input is one line on stderr and exit code 2
 
 def run_cli(*args):
@@ -248,9 +272,12 @@ def test_cli_bad_input_exit_2(tmp_path):
              os.path.join(FIX, "dtypes.safetensors"): "missing keys", "no-such-model": "known checkpoint",
              os.path.join(FIX, "ddpm_tiny_original.safetensors"): "wrong shapes"}
     for ckpt, msg in cases.items():
-        r = run_cli("-m", "models.ddpm", "--ckpt", ckpt, "--n", "1", "--steps", "2", "--out", str(tmp_path / "g.png"))
+        r = run_cli("-m", "models.ddpm", "--model", "ddpm-cifar10", "--ckpt", ckpt, "--n", "1", "--steps", "2",
+                    "--out", str(tmp_path / "g.png"))
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not os.path.exists(tmp_path / "g.png")
+    r = run_cli("-m", "models.train", "--data", str(tmp_path / "none.npz"), "--workdir", str(tmp_path))
+    assert r.returncode == 2 and "no such file" in r.stderr
 
 
 def test_parse_config_presets_and_help():
@@ -272,9 +299,13 @@ def test_parse_config_presets_and_help():
 
 
 def test_grid_and_record(tmp_path):
-    common.save_grid(torch.rand(10, 3, 8, 8) * 2 - 1, str(tmp_path / "g.png"), nrow=4)
+    x = torch.rand(10, 3, 8, 8) * 2 - 1
+    common.save_grid(x, str(tmp_path / "g.png"), nrow=4)
     from PIL import Image
-    assert Image.open(tmp_path / "g.png").size == (4 * 10 + 2, 3 * 10 + 2)
+    grid = np.asarray(Image.open(tmp_path / "g.png"))                 # [H, W, 3]
+    assert grid.shape == (3 * 10 + 2, 4 * 10 + 2, 3)
+    u8 = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(grid[2:10, 2:10], u8[0]) and np.array_equal(grid[12:20, 12:20], u8[5])
     rec = common.write_record(str(tmp_path / "r.json"), {"seed": 1}, {"fid": None}, 1.234, torch.device("cpu"))
     assert json.load(open(tmp_path / "r.json"))["metrics"] == {"fid": None} and rec["wall_seconds"] == 1.23
 
