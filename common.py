@@ -179,8 +179,7 @@ def set_quant(model, weights, acts):  # switch every QuantLinear/QuantConv2d in 
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints. name: (URL or bundled file, hash "algo:hex" (a prefix, as torch.hub checks; None
-# where none is published), file name in the cache).
+# Checkpoints: name -> (URL or bundled file, hash "algo:hex" prefix or None if unpublished, cache file name)
 
 CHECKPOINTS = {
     # The project's own small DDPM (models/train.py), shipped in the repository: the default model.

