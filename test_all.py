@@ -523,5 +523,125 @@ def test_grid_and_record(tmp_path):
     assert json.load(open(tmp_path / "r.json"))["metrics"] == {"fid": None} and rec["wall_seconds"] == 1.23
 
 
+# -----------------------------------------------------------------------------
+# DilateQuant (dilatequant.py)
+
+def test_weight_dilation_keeps_weight_ranges_and_the_layer():
+    import dilatequant as dq
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 16, 3, padding=1)
+    with torch.no_grad():
+        conv.weight[:, 3] = 0                                         # an all-zero input column
+        conv.weight[2, 5, 1, 1] = 0                                   # and scattered zero weights
+        conv.weight[4] = conv.weight[4].abs()                         # a row with no negative weight
+    W = conv.weight.detach().clone()
+    s = dq.dilation_scales(W)
+    assert torch.isfinite(s).all() and (s >= 1).all() and s[3] == 1 and (s > 1).sum() >= 3
+    Wd = dq.dilate(W, s)
+    hi, lo = W.reshape(16, -1).amax(1)[:, None, None], W.reshape(16, -1).amin(1).clamp(max=0)[:, None, None]
+    for k in torch.nonzero(s > 1)[:, 0]:                              # as large as possible: a dilated column
+        col = Wd.reshape(16, 24, -1)[:, k:k + 1]                      # touches some row's bound
+        assert torch.isclose(col, hi, rtol=1e-6).any() or torch.isclose(col, lo.expand_as(col), rtol=1e-6).any()
+    rows, rows_d = W.reshape(16, -1), Wd.reshape(16, -1)
+    assert torch.equal(rows.amax(1), rows_d.amax(1)) and torch.equal(rows.amin(1), rows_d.amin(1))
+    q, qd = Quantizer(4, "channel"), Quantizer(4, "channel")
+    q.set_range(*minmax_range(rows)), qd.set_range(*minmax_range(rows_d))
+    assert torch.equal(q.delta, qd.delta) and torch.equal(q.zero, qd.zero)     # Δ_w, z_w bit for bit
+    sat = torch.zeros(24, dtype=torch.bool)                          # in-channels holding a row's max or min
+    sat[W.reshape(16, 24, -1).amax(2).argmax(1)] = True
+    sat[W.reshape(16, 24, -1).amin(2).argmin(1)] = True
+    assert (s[sat] == 1).all()
+    # the wrapped layer with quantization off computes the float layer: (X/s) ⊛ (W·s) = X ⊛ W
+    qnet = dq.quantize(nn.Sequential(conv), 4, 4, 8, T=3, first_last_8bit=False)
+    x = torch.randn(2, 24, 8, 8) * 3
+    dq.switch(qnet, False)
+    assert torch.allclose(qnet(x), conv(x), atol=1e-5, rtol=1e-5)
+    assert torch.equal(qnet[0].s.flatten(), s)
+
+
+def test_tpq_gathers_each_samples_row():
+    import dilatequant as dq
+    T, x = 5, torch.randn(6, 4, 3, 3) * 2
+    tpq = dq.TPQ(4, T)
+    for t in range(T):
+        tpq.set_row(t, -0.5 * (t + 1), 0.3 * (t + 1))               # a different range per step
+    tpq.on, idx = True, torch.tensor([4, 0, 2, 2, 1, 3])
+    tpq.t_idx = idx
+    mixed = tpq(x)
+    for b, t in enumerate(idx.tolist()):                              # each sample alone, with its own row
+        tpq.t_idx = torch.tensor([t])
+        assert torch.equal(mixed[b], tpq(x[b:b + 1])[0])
+        d, z = tpq.delta[t, 0], tpq.zero[t, 0]
+        assert torch.equal(mixed[b], fake_quant(x[b], d, z, 0, 15))
+    tpq.t_idx = torch.full((6,), 4)
+    assert not torch.equal(tpq(x)[1], mixed[1])                      # row 0 and row 4 really differ
+    mixed.sum().backward()                                           # rows used get gradients, the others none
+    assert (tpq.delta.grad[[0, 1, 2, 3, 4]] != 0).all()
+
+
+def tiny_unet_and_calib(T=4, n=32):
+    from models.ddpm import CONFIGS
+    torch.manual_seed(0)
+    net = UNet(**CONFIGS["ddpm-cifar10-small"]).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    calib = dict(x=torch.randn(n, 3, 32, 32, generator=g), t=torch.randint(1000, (n,), generator=g).float(),
+                 idx=torch.randint(T, (n,), generator=g))
+    return net, calib
+
+
+def test_one_bkd_step_reduces_the_block_loss():
+    import dilatequant as dq
+    fp, calib = tiny_unet_and_calib()
+    q = dq.quantize(fp, 4, 4, 8, T=4)
+    dq.init_tpq(q, calib, 4)
+    name = "down.0.block.0"
+    _, target = dq.block_io(fp, dict(fp.named_modules())[name], calib, 16, want_output=True)
+    dq.switch(q, True)
+    q_in, _ = dq.block_io(q, dict(q.named_modules())[name], calib, 16, want_output=False)
+    block = dict(q.named_modules())[name]
+
+    def full_loss():
+        with torch.no_grad():
+            dq.set_step(block, calib["idx"])
+            return torch.nn.functional.mse_loss(block(*q_in), target).item()
+
+    before = full_loss()
+    dq.distill_block(block, q_in, target, calib["idx"], iters=1, batch=len(target), lr_w=1e-5, lr_q=1e-4,
+                     generator=torch.Generator().manual_seed(0))
+    after = full_loss()
+    assert after < before, (before, after)
+    assert dq.blocks_in_order(q)[:4] == ["temb.dense.0", "temb.dense.1", "conv_in", "down.0.block.0"]
+    assert dq.blocks_in_order(q)[-1] == "conv_out"
+
+
+def test_dilatequant_end_to_end_and_reload(tmp_path):
+    args = ["dilatequant.py", "--steps", "4", "--calib", "32", "--calib-traj", "8", "--iters", "3", "--batch", "8",
+            "--n", "8", "--eval-batch", "8", "--ref", "", "--out", str(tmp_path)]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.load(open(tmp_path / "results.json"))
+    m = rec["metrics"]
+    assert set(m) == {"fp", "ptq", "dilatequant"} and rec["config"]["bits"] == 4
+    assert 0 < m["dilatequant"]["eps_mse"] < m["ptq"]["eps_mse"], m       # W4A4: beats naive min-max PTQ
+    assert all((tmp_path / f"grid_{v}.png").is_file() for v in m)
+    r = run_cli("dilatequant.py", "--load", str(tmp_path / "dilatequant.safetensors"), "--n", "8", "--eval-batch", "8",
+                "--ref", "", "--out", str(tmp_path / "again"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.load(open(tmp_path / "again" / "results.json"))["metrics"]["loaded"]
+    assert again["eps_mse"] == pytest.approx(m["dilatequant"]["eps_mse"], rel=1e-5)
+    assert again["psnr"] == pytest.approx(m["dilatequant"]["psnr"], rel=1e-5)
+
+
+def test_dilatequant_bad_input_exit_2(tmp_path):
+    cases = [(["--bits", "9"], "bits must be within 2..8"), (["--a-bits", "1"], "bits must be within"),
+             (["--ablate", "xyz"], "--ablate"), (["--steps", "1"], "--steps"), (["--calib", "4"], "--calib"),
+             (["--ckpt", os.path.join(FIX, "ddpm_tiny_original.safetensors")], "does not fit"),
+             (["--load", os.path.join(FIX, "ddpm_tiny_original.safetensors")], "not a model saved by dilatequant")]
+    for args, msg in cases:
+        r = run_cli("dilatequant.py", *args, "--out", str(tmp_path / "o"))
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -33,8 +33,9 @@ CONFIGS = {
                          dropout=0.1, in_channels=3, resolution=32),
     # The bundled model, trained by models/train.py: 1.1 M parameters, ~30x cheaper per image.
     # No dropout: its training run is short (compute-bound), not long enough to overfit.
+    # GroupNorm keeps >= 4 channels a group (min_group), see Normalize.
     "ddpm-cifar10-small": dict(ch=32, out_ch=3, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,),
-                               dropout=0.0, in_channels=3, resolution=32),
+                               dropout=0.0, in_channels=3, resolution=32, min_group=4),
 }
 
 
@@ -46,8 +47,10 @@ def timestep_embedding(t, dim):
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)     # [B, dim]
 
 
-def Normalize(channels):
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def Normalize(channels, min_group=1):
+    # 32 groups as in the paper (min_group=1). The bundled narrow model keeps >= 4 channels a group:
+    # at 32 channels, 32 groups is instance norm, which erases each image's mean colour.
+    return nn.GroupNorm(num_groups=min(32, channels // min_group), num_channels=channels, eps=1e-6, affine=True)
 
 
 class Upsample(nn.Module):
@@ -73,13 +76,13 @@ class ResnetBlock(nn.Module):
     `split` > 0 marks an up-path block whose input is cat([h, skip]) with split = channels of h:
     the shortcut conv then sees the halves through the hooks `shortcut_h` and `shortcut_skip`."""
 
-    def __init__(self, in_channels, out_channels, temb_channels, dropout, split=0):
+    def __init__(self, in_channels, out_channels, temb_channels, dropout, split=0, min_group=1):
         super().__init__()
         self.in_channels, self.out_channels, self.split = in_channels, out_channels, split
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, min_group)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=1, padding=1)
         self.temb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, min_group)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1)
         if in_channels != out_channels:
@@ -101,9 +104,9 @@ class AttnBlock(nn.Module):
     """Single-head self-attention over the H·W positions, q/k/v/proj_out as 1×1 convs.
     Hooks act_q, act_k, act_v, act_softmax sit on the two matmul inputs each."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, min_group=1):
         super().__init__()
-        self.norm = Normalize(channels)
+        self.norm = Normalize(channels, min_group)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -124,7 +127,8 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, ch, out_ch, ch_mult, num_res_blocks, attn_resolutions, dropout, in_channels, resolution):
+    def __init__(self, ch, out_ch, ch_mult, num_res_blocks, attn_resolutions, dropout, in_channels, resolution,
+                 min_group=1):
         super().__init__()
         self.ch, self.num_res_blocks, self.resolution = ch, num_res_blocks, resolution
         self.num_resolutions = len(ch_mult)
@@ -140,19 +144,19 @@ class UNet(nn.Module):
             level, block_in, block_out = nn.Module(), ch * in_ch_mult[i], ch * ch_mult[i]
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(block_in, block_out, temb_ch, dropout))
+                level.block.append(ResnetBlock(block_in, block_out, temb_ch, dropout, min_group=min_group))
                 block_in = block_out
                 if res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
+                    level.attn.append(AttnBlock(block_in, min_group))
             if i != self.num_resolutions - 1:
                 level.downsample = Downsample(block_in)
                 res //= 2
             self.down.append(level)
 
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, temb_ch, dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, temb_ch, dropout)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, temb_ch, dropout, min_group=min_group)
+        self.mid.attn_1 = AttnBlock(block_in, min_group)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, temb_ch, dropout, min_group=min_group)
 
         # up path: level i has num_res_blocks + 1 blocks, each taking one skip tensor; up[i] is
         # resolution level i, so up[-1] runs first (the checkpoint's indexing)
@@ -162,16 +166,16 @@ class UNet(nn.Module):
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             for j in range(num_res_blocks + 1):
                 skip_in = ch * (in_ch_mult[i] if j == num_res_blocks else ch_mult[i])
-                level.block.append(ResnetBlock(block_in + skip_in, block_out, temb_ch, dropout, split=block_in))
+                level.block.append(ResnetBlock(block_in + skip_in, block_out, temb_ch, dropout, split=block_in, min_group=min_group))
                 block_in = block_out
                 if res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
+                    level.attn.append(AttnBlock(block_in, min_group))
             if i != 0:
                 level.upsample = Upsample(block_in)
                 res *= 2
             self.up.insert(0, level)
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, min_group)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, stride=1, padding=1)
 
     def forward(self, x, t):

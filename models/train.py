@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (UserError, atomic_write, ddim_sample, ddim_timesteps, linear_alphas_cumprod, parse_config,
-                    pick_device, run_main, save_grid, save_safetensors, seed_everything)
+from common import (UserError, atomic_write, ddim_sample, ddim_timesteps, linear_alphas_cumprod, load_state_dict,
+                    load_strict, parse_config, pick_device, run_main, save_grid, save_safetensors, seed_everything)
 from models.ddpm import CONFIGS, UNet
 
 
@@ -43,6 +43,7 @@ class Config:
     device: str = "auto"                 # auto, cpu or cuda
     workdir: str = "runs/train"          # resumable state and sample grids
     out: str = "models/ddpm_cifar10_small.safetensors"  # the exported EMA weights (fp16)
+    init: str = ""                       # warm start: net and EMA from exported weights, fresh Adam (a saved state wins)
 
 
 def load_images(path):
@@ -83,6 +84,10 @@ def main():
         gen.set_state(s["gen"])
         step = s["step"]
         print(f"resumed from {state_path} at step {step}")
+    elif cfg.init:
+        sd = {k: v.float() for k, v in load_state_dict(cfg.init).items()}
+        load_strict(net, sd, cfg.init), load_strict(ema, sd, cfg.init)
+        print(f"warm start from {cfg.init}")
     print(f"{cfg.model}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, "
           f"{len(images)} images, {cfg.steps - step} steps of {cfg.batch} on {device}")
 
