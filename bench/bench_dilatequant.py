@@ -1,0 +1,100 @@
+"""
+Cost of DilateQuant's BKD on the paper's full-size CIFAR-10 UNet (35.7 M parameters, random weights:
+the cost does not depend on the values): seconds per distillation iteration of every block at the
+paper's batch size, peak memory, and the full schedule extrapolated (calibration trajectories,
+per-block caching, 5,000 iterations per block), next to the paper's 1.08 h / 3,439 MB (one RTX A6000).
+
+    python bench/bench_dilatequant.py                     # CPU or the GPU if there is one
+    python bench/bench_dilatequant.py --iters 20 --device cuda
+"""
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dilatequant as dq
+from common import parse_config, pick_device, run_main
+from models.ddpm import CONFIGS, UNet
+
+
+@dataclass
+class Config:
+    """Time DilateQuant's block-wise distillation on the full-size DDPM CIFAR-10 UNet."""
+    iters: int = 3                # timed iterations per block (after one warm-up iteration)
+    batch: int = 32               # BKD batch (paper: 32)
+    bits: int = 4                 # W and A bits
+    steps: int = 100              # TPQ rows = DDIM steps (paper: 100)
+    calib: int = 5120             # calibration samples of the full schedule (paper: 5120)
+    calib_traj: int = 256         # FP trajectories behind them (dilatequant.py's paper preset)
+    paper_iters: int = 5000       # iterations per block of the full schedule (paper: 5000)
+    device: str = "auto"          # auto, cpu or cuda
+
+
+def peak_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main():
+    cfg = parse_config(Config)
+    device = pick_device(cfg.device)
+    torch.manual_seed(0)
+    fp = UNet(**CONFIGS["ddpm-cifar10"]).eval().requires_grad_(False).to(device)
+    q = dq.quantize(fp, cfg.bits, cfg.bits, 8, cfg.steps)
+    g = torch.Generator().manual_seed(0)
+    calib = dict(x=torch.randn(cfg.batch, 3, 32, 32, generator=g).to(device),
+                 t=torch.randint(1000, (cfg.batch,), generator=g).float().to(device),
+                 idx=torch.randint(cfg.steps, (cfg.batch,), generator=g).to(device))
+    dq.init_tpq(q, calib, cfg.steps)
+    print(f"{sum(p.numel() for p in fp.parameters()) / 1e6:.2f} M parameters, W{cfg.bits}A{cfg.bits}, T = {cfg.steps}, "
+          f"batch {cfg.batch}, {device} ({torch.get_num_threads()} threads)")
+
+    # one FP forward per image: the unit of the calibration and caching cost
+    with torch.no_grad():
+        fp(calib["x"], calib["t"])
+        sync(device), time.sleep(0)
+        t0 = time.time()
+        fp(calib["x"], calib["t"])
+        sync(device)
+    fwd = (time.time() - t0) / cfg.batch
+
+    units, total_iter, cache_bytes = dq.blocks_in_order(q), 0.0, 0
+    fp_mods, q_mods = dict(fp.named_modules()), dict(q.named_modules())
+    for name in units:
+        _, target = dq.block_io(fp, fp_mods[name], calib, cfg.batch, want_output=True)
+        dq.switch(q, True)
+        q_in, _ = dq.block_io(q, q_mods[name], calib, cfg.batch, want_output=False)
+        cache_bytes = max(cache_bytes, sum(a[0].numel() for a in q_in + [target]) * 4 * cfg.calib)
+        args = (q_mods[name], q_in, target, calib["idx"])
+        dq.distill_block(*args, 1, cfg.batch, 1e-5, 1e-4, g)                      # warm-up
+        sync(device)
+        t0 = time.time()
+        dq.distill_block(*args, cfg.iters, cfg.batch, 1e-5, 1e-4, g)
+        sync(device)
+        sec = (time.time() - t0) / cfg.iters
+        total_iter += sec
+        print(f"  {name:24s} {sec * 1e3:9.1f} ms/iteration")
+
+    bkd_s = total_iter * cfg.paper_iters
+    calib_s = cfg.calib_traj * cfg.steps * fwd                                 # FP trajectories
+    cache_s = len(units) * 2 * cfg.calib * fwd                                 # <= 2 forwards per block
+    print(f"\n{len(units)} blocks; {total_iter:.3f} s per iteration of every block; FP forward {fwd * 1e3:.2f} ms/image")
+    print(f"peak memory {peak_mb(device):.0f} MB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'}); "
+          f"largest block cache for {cfg.calib} samples (fp32): {cache_bytes / 2 ** 20:.0f} MB")
+    print(f"full schedule ({cfg.paper_iters} iterations/block): BKD {bkd_s / 3600:.2f} h + calibration "
+          f"{calib_s / 3600:.2f} h + caching <= {cache_s / 3600:.2f} h = {(bkd_s + calib_s + cache_s) / 3600:.2f} h "
+          f"(paper: 1.08 h, 3,439 MB on one RTX A6000)")
+
+
+if __name__ == "__main__":
+    run_main(main)
