@@ -95,12 +95,12 @@ def dilation_scales(W):
     Wf = W.reshape(O, I, -1).float()                                # [O, I, K]
     wmax = Wf.amax((1, 2), keepdim=True).clamp(min=0)               # [O, 1, 1]
     wmin = Wf.amin((1, 2), keepdim=True).clamp(max=0)
-    inf = torch.tensor(float("inf"))
+    inf = torch.tensor(float("inf"), device=W.device)
     # zero weights set no bound: masked to +inf, never divided (spec §6.1, reviewer 4)
     s_pos = torch.where(Wf > 0, wmax / Wf, inf).amin((0, 2))        # [I]
     s_neg = torch.where(Wf < 0, wmin / Wf, inf).amin((0, 2))
     s = torch.minimum(s_pos, s_neg)
-    A = torch.zeros(I, dtype=torch.bool)
+    A = torch.zeros(I, dtype=torch.bool, device=W.device)
     A[Wf.amax(2).argmax(1)] = True                                  # in-channel of each row's max
     A[Wf.amin(2).argmin(1)] = True                                  # ... and of each row's min
     s[A] = 1.0                                                      # explicit, against ratios of 1 ± ulp
@@ -223,7 +223,7 @@ def quantize(fp, w_bits, a_bits, sm_bits, T, wd=True, split=True, first_last_8bi
         if not (first_last_8bit and name == last):
             ab = 8 if first_last_8bit and name == last_act else a_bits
             aq = SplitTPQ(ab, T, splits[name]) if split and name in splits else TPQ(ab, T)
-        s = dilation_scales(layer.weight) if wd and aq is not None else torch.ones(layer.weight.shape[1])
+        s = dilation_scales(layer.weight) if wd and aq is not None else torch.ones(layer.weight.shape[1], device=layer.weight.device)
         layer.weight.data = dilate(layer.weight.data, s)
         wq = Quantizer(8 if fl else w_bits, "channel", include_zero=True)
         wq.set_range(*minmax_range(wq.rows(layer.weight.data)))    # min-max per out channel (spec D5)
@@ -235,7 +235,7 @@ def quantize(fp, w_bits, a_bits, sm_bits, T, wd=True, split=True, first_last_8bi
         if isinstance(m, AttnBlock):
             m.act_q, m.act_k, m.act_v = TPQ(a_bits, T), TPQ(a_bits, T), TPQ(a_bits, T)
             m.act_softmax = TPQ(sm_bits, T)
-    return q
+    return q.to(next(fp.parameters()).device)                        # the new Δ, z tables join fp's device
 
 
 @torch.no_grad()

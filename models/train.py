@@ -88,6 +88,9 @@ def main():
         sd = {k: v.float() for k, v in load_state_dict(cfg.init).items()}
         load_strict(net, sd, cfg.init), load_strict(ema, sd, cfg.init)
         print(f"warm start from {cfg.init}")
+    if not cfg.init and cfg.ema ** (cfg.steps - step) > 0.01:                # a lesson of the GPU run (README)
+        print(f"warning: EMA {cfg.ema} over {cfg.steps - step} steps keeps {cfg.ema ** (cfg.steps - step):.0%} "
+              f"of the random initial weights; lower --ema or raise --steps")
     print(f"{cfg.model}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, "
           f"{len(images)} images, {cfg.steps - step} steps of {cfg.batch} on {device}")
 
