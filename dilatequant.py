@@ -364,11 +364,10 @@ def bkd(fp, q, calib, cfg, generator):
     """Block k = 1..K in execution order: the target is the FP network's block-k output, the input the
     quantized network's own block-k input (the already distilled prefix: Eq. 15's B̂_k∘…∘B̂_1)."""
     fp_mods, q_mods = dict(fp.named_modules()), dict(q.named_modules())
-    switch(q, False)
+    switch(q, True)
     log = []
     for name in tqdm(blocks_in_order(q), desc="BKD"):
         _, target = block_io(fp, fp_mods[name], calib, 256, want_output=True)   # FP block output
-        switch(q, True)
         q_in, _ = block_io(q, q_mods[name], calib, 256, want_output=False)      # quantized-prefix input
         first, last = distill_block(q_mods[name], q_in, target, calib["idx"], cfg.iters, cfg.batch, cfg.lr_w,
                                     cfg.lr_q, generator)

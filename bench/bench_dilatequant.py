@@ -8,7 +8,6 @@ per-block caching, 5,000 iterations per block), next to the paper's 1.08 h / 3,4
     python bench/bench_dilatequant.py --iters 20 --device cuda
 """
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -34,12 +33,6 @@ class Config:
     device: str = "auto"          # auto, cpu or cuda
 
 
-def peak_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -63,7 +56,7 @@ def main():
     # one FP forward per image: the unit of the calibration and caching cost
     with torch.no_grad():
         fp(calib["x"], calib["t"])
-        sync(device), time.sleep(0)
+        sync(device)
         t0 = time.time()
         fp(calib["x"], calib["t"])
         sync(device)
@@ -90,7 +83,7 @@ def main():
     calib_s = cfg.calib_traj * cfg.steps * fwd                                 # FP trajectories
     cache_s = len(units) * 2 * cfg.calib * fwd                                 # <= 2 forwards per block
     print(f"\n{len(units)} blocks; {total_iter:.3f} s per iteration of every block; FP forward {fwd * 1e3:.2f} ms/image")
-    print(f"peak memory {peak_mb(device):.0f} MB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'}); "
+    print(f"peak memory {dq.peak_mb(device):.0f} MB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'}); "
           f"largest block cache for {cfg.calib} samples (fp32): {cache_bytes / 2 ** 20:.0f} MB")
     print(f"full schedule ({cfg.paper_iters} iterations/block): BKD {bkd_s / 3600:.2f} h + calibration "
           f"{calib_s / 3600:.2f} h + caching <= {cache_s / 3600:.2f} h = {(bkd_s + calib_s + cache_s) / 3600:.2f} h "

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (UserError, atomic_write, ddim_sample, ddim_timesteps, linear_alphas_cumprod, load_state_dict,
-                    load_strict, parse_config, pick_device, run_main, save_grid, save_safetensors, seed_everything)
-from models.ddpm import CONFIGS, UNet
+from common import (UserError, atomic_write, ddim_sample, ddim_timesteps, linear_alphas_cumprod, parse_config,
+                    pick_device, run_main, save_grid, save_safetensors, seed_everything)
+from models.ddpm import CONFIGS, UNet, load_unet
 
 
 @dataclass
@@ -85,8 +85,8 @@ def main():
         step = s["step"]
         print(f"resumed from {state_path} at step {step}")
     elif cfg.init:
-        sd = {k: v.float() for k, v in load_state_dict(cfg.init).items()}
-        load_strict(net, sd, cfg.init), load_strict(ema, sd, cfg.init)
+        sd = load_unet(cfg.model, cfg.init).state_dict()           # the project's strict loader
+        net.load_state_dict(sd), ema.load_state_dict(sd)
         print(f"warm start from {cfg.init}")
     if not cfg.init and cfg.ema ** (cfg.steps - step) > 0.01:                # a lesson of the GPU run (README)
         print(f"warning: EMA {cfg.ema} over {cfg.steps - step} steps keeps {cfg.ema ** (cfg.steps - step):.0%} "
