@@ -614,6 +614,24 @@ def test_one_bkd_step_reduces_the_block_loss():
     assert dq.blocks_in_order(q)[-1] == "conv_out"
 
 
+def test_correlated_scale_makes_each_steps_projection_one():
+    import dilatequant as dq
+    fp, calib = tiny_unet_and_calib(T=4, n=48)
+    q = dq.quantize(fp, 3, 3, 8, T=4)
+    dq.init_tpq(q, calib, 4, search=False)
+    dq.switch(q, True)
+    with torch.no_grad():
+        e_fp = fp(calib["x"], calib["t"])
+        k = dq.correlated_scale(q, calib, e_fp, 4, batch=20)     # batches cut across steps
+        q.eps_k.copy_(k)
+        dq.set_step(q, calib["idx"])
+        e_c = dq.denoiser(q)(calib["x"], calib["t"])
+    assert not torch.allclose(k, torch.ones(4), atol=1e-3) and len(set(k.tolist())) == 4
+    for t in range(4):                                                # per step: <ε̂/k_t, ε> / <ε, ε> = 1
+        m = calib["idx"] == t
+        assert (e_c[m] * e_fp[m]).sum() / (e_fp[m] ** 2).sum() == pytest.approx(1.0, abs=1e-4)
+
+
 def test_dilatequant_end_to_end_and_reload(tmp_path):
     args = ["dilatequant.py", "--steps", "4", "--calib", "32", "--calib-traj", "8", "--iters", "3", "--batch", "8",
             "--n", "8", "--eval-batch", "8", "--ref", "", "--out", str(tmp_path)]
@@ -642,6 +660,176 @@ def test_dilatequant_bad_input_exit_2(tmp_path):
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     assert not (tmp_path / "o" / "results.json").exists()
 
+
+# -----------------------------------------------------------------------------
+# EDA-DM (edadm.py)
+
+def test_tdac_counts_sum_to_n_and_follow_the_scores():
+    import edadm as ed
+    # steps 0-2 share one feature (dense: each has 2 neighbours within r), step 3 is orthogonal to them
+    # (unique: cos 0 with each): D = [2, 2, 2, 0], V = [1, 1, 1, 3]·B·h·w, so D̃ = [1, 1, 1, 0], Ṽ = [0, 0, 0, 1]
+    B, h, w = 3, 2, 2
+    Fk = torch.zeros(4, B, 2, h, w)
+    Fk[:3, :, 0], Fk[3, :, 1] = 1.0, 1.0
+    D, V, mse = ed.tdac_scores(Fk, r=0.5)
+    assert D.tolist() == [2, 2, 2, 0] and torch.allclose(V, torch.tensor([1., 1, 1, 3], dtype=V.dtype) * B * h * w)
+    assert mse[0, 3].item() == pytest.approx(1.0) and mse[0, 1].item() == pytest.approx(0.0, abs=1e-12)
+    assert ed.tdac_counts(D, V, lam=1.2, N=42).tolist() == [10, 10, 10, 12]   # w = [1, 1, 1, 1.2] / 4.2
+    assert ed.tdac_counts(D, V, lam=3.0, N=12).tolist() == [2, 2, 2, 6]       # w = [1, 1, 1, 3] / 6
+    assert ed.tdac_counts(D, V, lam=0.0, N=7).tolist() == [3, 2, 2, 0]        # ties: the earlier step first
+    # the vectorised scores equal the definitions (spec §3.2 steps 3-4) on random features
+    Fk = torch.randn(5, 3, 4, 2, 2) + torch.arange(5.0)[:, None, None, None, None] * 0.3
+    D, V, _ = ed.tdac_scores(Fk, r=2.2)
+    cos = torch.nn.CosineSimilarity(dim=1, eps=1e-6)
+    for k in range(5):
+        others = [j for j in range(5) if j != k]
+        assert D[k] == sum(((Fk[k] - Fk[j]) ** 2).mean() <= 2.2 for j in others)
+        assert V[k].item() == pytest.approx(sum((1 - cos(Fk[k], Fk[j])).sum().item() for j in others), rel=1e-5)
+    # largest-remainder counts: exact total for any shares, constant scores give equal counts
+    g = torch.Generator().manual_seed(0)
+    for N in (1, 7, 100, 1023):
+        p = torch.rand(13, generator=g)
+        n = ed.largest_remainder(p / p.sum(), N)
+        assert n.sum() == N and (n - p / p.sum() * N).abs().max() < 1
+    # p·N = 2.5, 1.25, 3.33, 2.92: floors 2, 1, 3, 2, and the 2 left over go to the largest remainders
+    assert ed.largest_remainder(torch.tensor([1 / 4, 1 / 8, 1 / 3, 7 / 24]), 10).tolist() == [3, 1, 3, 3]
+    assert ed.tdac_counts(torch.ones(4), torch.ones(4), 1.2, 10).tolist() == [3, 3, 2, 2]
+    # selection: n_k samples from step k, each trajectory used once while N <= B, labels t = seq[T_s − 1 − k]
+    x = torch.arange(4 * 6, dtype=torch.float32).reshape(4, 6, 1, 1, 1).expand(4, 6, 3, 2, 2)   # [T, B, ...]
+    calib = ed.select(x, [0, 10, 20, 30], torch.tensor([1, 0, 3, 2]), g)
+    k, b = (calib["x"][:, 0, 0, 0] // 6).long(), (calib["x"][:, 0, 0, 0] % 6).long()
+    assert torch.equal(k, calib["idx"]) and sorted(b.tolist()) == list(range(6))
+    assert torch.bincount(k, minlength=4).tolist() == [1, 0, 3, 2]
+    assert calib["t"].tolist() == [[30.0, 20.0, 10.0, 0.0][i] for i in k.tolist()]
+
+
+def test_adaround_starts_at_fp_and_ends_hard_after_reconstruction():
+    import edadm as ed
+    fp, calib = tiny_unet_and_calib(n=16)
+    q = ed.quantize(fp, 4, 8, 8, search=False)
+    ed.init_acts(q, calib, search=False)
+    name = "down.0.block.0"
+    block, fp_block = dict(q.named_modules())[name], dict(fp.named_modules())[name]
+    layers = [m for m in block.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    for m in layers:                                                  # h(V) = ρ: the soft weight is the FP weight
+        m.wq.init_rounding(m.weight)
+        m.wq.soft = True
+        c = m.weight / m.wq.delta + m.wq.zero                          # the weight on the integer grid's scale
+        inside = (c > 1e-3) & (c < 2 ** m.wq.bits - 1 - 1e-3)          # not clipped by the L_p range
+        assert torch.allclose(m.wq(m.weight)[inside], m.weight[inside], atol=1e-5)
+    names = ed.inner_layers(block)
+    assert names == ["conv1", "temb_proj"]                            # conv2 is the last layer (no shortcut)
+    x_fp, y_fp, o_fp = ed.unit_io(fp, fp_block, calib, 16, names)
+    ed.switch(q, True)
+    x_q, _, _ = ed.unit_io(q, block, calib, 16)
+    first, last = ed.reconstruct_unit(block, x_fp, x_q, y_fp, names, o_fp, 0.8, 20, 8, 0.5, 5e-4, 0.5, 0.0,
+                                      torch.Generator().manual_seed(0))
+    assert last < first
+    changed = 0
+    for m in layers:
+        wq, w = m.wq, m.weight
+        assert not wq.soft and not wq.V.requires_grad
+        up = (wq(w) / wq.delta + wq.zero) - torch.floor(w / wq.delta) - wq.zero     # the rounding offset
+        lo_clip = torch.floor(w / wq.delta) + wq.zero                                  # offsets clamp at the grid ends
+        free = (lo_clip >= 0) & (lo_clip + 1 <= 2 ** wq.bits - 1)
+        assert torch.allclose(up[free], up[free].round(), atol=1e-4)                  # hard: exactly 0 or 1
+        assert set(up[free].round().unique().tolist()) <= {0.0, 1.0}
+        nearest = torch.round(w / wq.delta) - torch.floor(w / wq.delta)
+        changed += (up[free].round() != nearest[free]).sum().item()
+    assert changed > 0                                                # learned rounding, not round-to-nearest
+
+
+def test_fbr_loss_equals_hand_computed_value_on_a_toy_block():
+    import edadm as ed
+    from models.ddpm import ResnetBlock
+    torch.manual_seed(0)
+    net = nn.Sequential(ResnetBlock(4, 8, 6, 0.0, min_group=2)).eval().requires_grad_(False)
+    q = ed.quantize(net, 4, 8, 8, search=False, first_last_8bit=False)
+    common.set_quant(q, True, False)    # weights through AdaRound (soft h(V) = ρ: the FP weight), activations FP
+    block, fb = q[0], net[0]
+    x, temb = torch.randn(5, 4, 3, 3), torch.randn(5, 6)
+    y_t, o_t = torch.randn(5, 8, 3, 3), [torch.randn(5, 8, 3, 3), torch.randn(5, 8), torch.randn(5, 8, 3, 3)]
+    names = ed.inner_layers(block)
+    assert names == ["conv1", "temb_proj", "conv2"]                  # nin_shortcut is the last: excluded
+    # by hand: h1 = conv1(silu(norm1 x)), p = temb_proj(silu temb), h2 = conv2(silu(norm2(h1 + p))), y = nin(x) + h2,
+    # each layer with the weight its quantizer gives at the start (soft AdaRound: the FP weight up to the grid's ends)
+    F, silu = torch.nn.functional, torch.nn.functional.silu
+    W = {}
+    for n in ("conv1", "temb_proj", "conv2", "nin_shortcut"):
+        layer = getattr(block, n)
+        layer.wq.init_rounding(layer.weight)
+        layer.wq.soft = True
+        W[n] = layer.wq(layer.weight).detach()
+    assert (W["conv1"] - fb.conv1.weight).abs().max() < 0.1 * (fb.conv1.weight.abs().max())
+    h1 = F.conv2d(silu(fb.norm1(x)), W["conv1"], fb.conv1.bias, padding=1)
+    p = F.linear(silu(temb), W["temb_proj"], fb.temb_proj.bias)
+    h2 = F.conv2d(silu(fb.norm2(h1 + p[:, :, None, None])), W["conv2"], fb.conv2.bias, padding=1)
+    y = F.conv2d(x, W["nin_shortcut"], fb.nin_shortcut.bias) + h2
+    first_loss, _ = ed.reconstruct_unit(block, [x, temb], [x, temb], y_t, names, o_t, 0.8, 1, 5, 0.0, 0.0, 1.0, 0.0,
+                                        torch.Generator().manual_seed(0))   # lr 0, no QDrop: the loss at the start
+    dist = lambda a, b: ((a - b) ** 2).sum(1).mean().item()          # Σ channels, mean over batch and positions
+    hand = dist(y, y_t) + 0.8 * (dist(h1, o_t[0]) + dist(p, o_t[1]) + dist(h2, o_t[2]))
+    assert first_loss == pytest.approx(hand, rel=1e-5)
+    assert ed.fbr_loss(y, y_t, [h1], [o_t[0]], 0.0).item() == pytest.approx(dist(y, y_t), rel=1e-6)
+
+
+def test_edadm_quantizer_placement_and_units():
+    import edadm as ed
+    fp, calib = tiny_unet_and_calib(n=8)
+    q = ed.quantize(fp, 4, 8, 8, search=False)
+    mods = dict(q.named_modules())
+    assert mods["temb.dense.0"].wq.bits == 8 and mods["conv_in"].wq.bits == 4 and mods["conv_out"].wq.bits == 8
+    assert isinstance(mods["conv_out"].aq, nn.Identity)               # conv_out input stays FP (spec §2.6)
+    sc = mods["up.1.block.0.nin_shortcut"]
+    s = mods["up.1.block.0"].split
+    assert isinstance(sc.aq, nn.Identity) and isinstance(mods["up.1.block.0"].shortcut_h, ed.ActQuant)
+    assert sc.wq.delta.shape == sc.weight.shape[:2] + (1, 1)          # own Δ_w per output channel and half
+    assert torch.equal(sc.wq.delta[:, :s], sc.wq.delta[:, :1].expand(-1, s, -1, -1))
+    assert not torch.equal(sc.wq.delta[:, 0], sc.wq.delta[:, -1])
+    assert isinstance(mods["mid.attn_1"].act_softmax, ed.ActQuant) and mods["mid.attn_1"].act_softmax.bits == 8
+    units = ed.units_in_order(q)
+    assert units[:4] == ["temb.dense.0", "temb.dense.1", "conv_in", "down.0.block.0"] and units[-1] == "conv_out"
+    assert "down.0.downsample.conv" in units and "up.1.attn.0" in units and "up.1.attn.0.q" not in units
+
+
+def test_edadm_end_to_end_and_reload(tmp_path, monkeypatch):
+    import edadm as ed                                                # in this process: no torch import per run
+    monkeypatch.setattr(sys, "argv", ["edadm.py", "--w-bits", "4", "--a-bits", "8", "--steps", "4", "--calib", "16",
+                                      "--calib-traj", "8", "--iters", "2", "--batch", "8", "--n", "8", "--eval-batch",
+                                      "8", "--ref", "", "--out", str(tmp_path)])
+    ed.main()
+    rec = json.load(open(tmp_path / "results.json"))
+    m = rec["metrics"]
+    assert set(m) == {"fp", "ptq", "brecq", "edadm", "tdac"} and rec["config"]["w_bits"] == 4
+    assert sum(m["tdac"]["counts"]) == 16 and len(m["tdac"]["D"]) == 4
+    assert all(0 < m[v]["eps_mse"] < 1 and 5 < m[v]["psnr"] < 60 for v in ("ptq", "brecq", "edadm")), m
+    # (2 iterations on 16 samples prove nothing about quality: that is the measured table's job, runs/edadm_notes.md)
+    units = [u["unit"] for u in m["edadm"]["reconstruction"]]
+    assert len(units) == 23 and units[0] == "temb.dense.0" and units[-1] == "conv_out" and m["ptq"]["reconstruction"] is None
+    assert all((tmp_path / f"grid_{v}.png").is_file() for v in ("fp", "ptq", "brecq", "edadm"))
+    monkeypatch.setattr(sys, "argv", ["edadm.py", "--load", str(tmp_path / "edadm.safetensors"), "--n", "8",
+                                      "--eval-batch", "8", "--ref", "", "--out", str(tmp_path / "again")])
+    ed.main()
+    again = json.load(open(tmp_path / "again" / "results.json"))["metrics"]["loaded"]
+    assert again["eps_mse"] == pytest.approx(m["edadm"]["eps_mse"], rel=1e-5)
+    assert again["psnr"] == pytest.approx(m["edadm"]["psnr"], rel=1e-5)
+
+
+def test_edadm_bad_input_exit_2(tmp_path, monkeypatch, capsys):
+    import edadm as ed
+    r = run_cli("edadm.py", "--bits", "9", "--out", str(tmp_path / "o"))           # the real command line, once
+    assert r.returncode == 2 and "bits must be within 2..8" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    cases = [(["--w-bits", "1"], "bits must be within"), (["--ablate", "wd"], "--ablate"),
+             (["--calib", "100000"], "--calib"), (["--gamma", "-1"], "--gamma"),
+             (["--ckpt", os.path.join(FIX, "ddpm_tiny_original.safetensors")], "does not fit"),
+             (["--load", os.path.join(FIX, "ddpm_tiny_original.safetensors")], "not a model saved by edadm")]
+    for args, msg in cases:                                            # the rest in this process (no torch import each)
+        monkeypatch.setattr(sys, "argv", ["edadm.py", *args, "--out", str(tmp_path / "o")])
+        with pytest.raises(SystemExit) as e:
+            common.run_main(ed.main)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert not (tmp_path / "o" / "results.json").exists()
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
