@@ -22,7 +22,6 @@ writes results.json, a PNG grid per variant and each quantized model's state (sa
 import copy
 import json
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass
 
@@ -35,6 +34,7 @@ from common import (QuantConv2d, QuantLinear, UserError, ddim_sample, ddim_times
                     linear_alphas_cumprod, load_state_dict, load_strict, lp_search_range, minmax_range,
                     parse_config, pick_device, psnr, quant_params, replace_modules, run_main, save_grid,
                     save_safetensors, seed_everything, set_quant, write_record)
+from dilatequant import fid_or_none, peak_mb  # FID when Inception is cached; process peak memory
 from models.ddpm import AttnBlock, ResnetBlock, load_unet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -422,23 +422,6 @@ def reconstruct(fp, q, calib, gamma, iters, batch, lr_w, lr_a, keep, round_reg, 
 def sample(net, noise, seq, abar, batch):
     return torch.cat([ddim_sample(net, xb, seq, abar).cpu()
                       for xb in tqdm(noise.split(batch), desc="sampling", leave=False)])
-
-
-def fid_or_none(images, ref):
-    if not ref:
-        return None
-    try:
-        import eval_fid
-        return eval_fid.fid_to_reference(images, ref)["fid"]
-    except UserError as e:  # no Inception weights cached, or no reference: a note, not a failure
-        print(f"FID skipped: {e}")
-        return None
-
-
-def peak_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # process peak RSS (Linux: KiB)
 
 
 VARIANTS = {  # name -> (TDAC calibration, L_p init, reconstruction, FBR layer losses)
