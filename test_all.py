@@ -831,5 +831,114 @@ def test_edadm_bad_input_exit_2(tmp_path, monkeypatch, capsys):
         assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, (args, err)
     assert not (tmp_path / "o" / "results.json").exists()
 
+
+# -----------------------------------------------------------------------------
+# ---- DiT and VAE
+# models/dit.py and models/vae.py against the official DiT models.py (@ed81ce2, with timm) and diffusers'
+# AutoencoderKL on tiny random weights, their full-size key lists, and strict loading (fixtures/README.md)
+
+import math, re
+from models import dit, vae
+
+DIT_TINY = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, mlp_ratio=4.0,
+                class_dropout_prob=0.1, num_classes=10, learn_sigma=True)
+VAE_TINY = dict(block_out_channels=(16, 32), layers_per_block=2, norm_num_groups=8, latent_channels=4, out_channels=3)
+
+
+def test_dit_parity_with_official_code(monkeypatch):
+    monkeypatch.setitem(dit.CONFIGS, "dit-tiny", DIT_TINY)
+    path = os.path.join(FIX, "dit_tiny.safetensors")
+    # our sin-cos table equals the official numpy one that the file stores (in float32)
+    assert torch.allclose(dit.DiT(**DIT_TINY).pos_embed, load_state_dict(path)["pos_embed"], rtol=0, atol=1e-6)
+    net = dit.load_dit("dit-tiny", path)
+    io = read_safetensors(os.path.join(FIX, "dit_tiny_io.safetensors"))
+    with torch.no_grad():
+        out = net(io["x"], io["t"], io["y"])
+        cfg = net.forward_with_cfg(io["x"], io["t"], io["y_cfg"], io["cfg_scale"].item())
+    assert out.shape == cfg.shape == (4, 8, 16, 16)
+    assert (out - io["out"]).abs().max() <= 5e-5 and (cfg - io["out_cfg"]).abs().max() <= 5e-5
+    # the guidance quirk: channels 0-2 guided and the same in both halves, channels 3-7 each half's own
+    assert torch.equal(cfg[:2, :3], cfg[2:, :3]) and not torch.allclose(cfg[:2, 3:], cfg[2:, 3:])
+
+
+def test_dit_hooks_sit_on_the_attention_matmuls():
+    net, seen = dit.DiT(**DIT_TINY).eval(), {}
+    for name in ("act_q", "act_k", "act_v", "act_softmax"):
+        getattr(net.blocks[1].attn, name).register_forward_hook(lambda m, i, o, name=name: seen.update({name: o.shape}))
+    with torch.no_grad():
+        net(torch.randn(2, 4, 16, 16), torch.tensor([1, 900]), torch.tensor([0, 10]))
+    qkv = (2, 4, 64, 16)                                               # [B, heads, tokens, head_dim]
+    assert seen == {"act_q": qkv, "act_k": qkv, "act_v": qkv, "act_softmax": (2, 4, 64, 64)}
+
+
+@pytest.mark.parametrize("names", ["new", "old"])
+def test_vae_decoder_parity_with_diffusers(names, tmp_path, monkeypatch):
+    monkeypatch.setitem(vae.CONFIGS, "vae-tiny", VAE_TINY)
+    path = os.path.join(FIX, "vae_tiny.safetensors")
+    sd = load_state_dict(path)
+    assert any(k.startswith("encoder.") for k in sd) and any(k.startswith("quant_conv.") for k in sd)
+    if names == "old":  # the attention names of the sd-vae-ft-* files: query/key/value/proj_attn
+        back = {new: old for old, new in vae.OLD_ATTENTION_NAMES.items()}
+        sd = {re.sub(r"\.(to_q|to_k|to_v|to_out\.0)\.", lambda m: f".{back[m[1]]}.", k): v for k, v in sd.items()}
+        assert any(".proj_attn." in k for k in sd)
+        path = str(tmp_path / "old.safetensors")
+        save_safetensors(sd, path)
+    net = vae.load_vae("vae-tiny", path)
+    io = read_safetensors(os.path.join(FIX, "vae_tiny_io.safetensors"))
+    with torch.no_grad():
+        img = net.decode(io["z"])                                      # divides by 0.18215 itself
+    assert img.shape == (2, 3, 16, 16) and (img - io["image"]).abs().max() <= 5e-5
+
+
+def test_dit_and_vae_strict_loading_errors(tmp_path, monkeypatch):
+    monkeypatch.setitem(dit.CONFIGS, "dit-tiny", DIT_TINY)
+    monkeypatch.setitem(vae.CONFIGS, "vae-tiny", VAE_TINY)
+    sd = load_state_dict(os.path.join(FIX, "dit_tiny.safetensors"))
+    vsd = load_state_dict(os.path.join(FIX, "vae_tiny.safetensors"))
+    table = sd["y_embedder.embedding_table.weight"]
+    cases = [(dit.load_dit, "dit-tiny", {k: v for k, v in sd.items() if k != "blocks.1.mlp.fc2.bias"},
+              "1 missing keys ['blocks.1.mlp.fc2.bias']"),
+             (dit.load_dit, "dit-tiny", {**sd, "blocks.2.attn.qkv.weight": sd["blocks.1.attn.qkv.weight"]},
+              "1 unexpected ['blocks.2.attn.qkv.weight']"),
+             (dit.load_dit, "dit-tiny", {**sd, "y_embedder.embedding_table.weight": table[:10]},  # no null-class row
+              "1 wrong shapes ['y_embedder.embedding_table.weight (10, 64) vs (11, 64)']"),
+             (vae.load_vae, "vae-tiny", {k: v for k, v in vsd.items() if k != "post_quant_conv.bias"},
+              "1 missing keys ['post_quant_conv.bias']"),
+             (vae.load_vae, "vae-tiny", {**vsd, "decoder.extra.weight": vsd["post_quant_conv.bias"]},
+              "1 unexpected ['decoder.extra.weight']"),
+             (vae.load_vae, "vae-tiny", sd, "missing keys ['post_quant_conv.weight'")]          # a DiT file
+    for load, model, bad, msg in cases:
+        path = str(tmp_path / "bad.safetensors")
+        save_safetensors(bad, path)
+        with pytest.raises(UserError, match=re.escape(msg)):
+            load(model, path)
+    for load, model in ((dit.load_dit, "dit-xl-9"), (vae.load_vae, "sd-vae-ft-xyz")):
+        with pytest.raises(UserError, match="unknown"):
+            load(model)
+    with pytest.raises(UserError, match="no such file"):
+        dit.load_dit("dit-tiny", str(tmp_path / "missing.pt"))
+
+
+def test_dit_xl_2_and_sd_vae_names_and_shapes_equal_the_official():
+    assert all(name in common.CHECKPOINTS for name in [*dit.CONFIGS, *vae.CONFIGS])
+    with torch.device("meta"):                                         # shapes only, no 2.7 GB of weights
+        xl, xl512, dec = dit.DiT(**dit.CONFIGS["dit-xl-2-256"]), dit.DiT_XL_2(input_size=64), vae.VAEDecoder(**vae.SD)
+    # (name, shape) of the official DiT_XL_2(input_size=32) state dict in module order: the .pt files' keys
+    with open(os.path.join(FIX, "dit_xl_2_keys.json")) as f:
+        expected = [(k, tuple(s)) for k, s in json.load(f)]
+    assert [(k, tuple(v.shape)) for k, v in xl.state_dict().items()] == expected
+    assert sum(math.prod(s) for _, s in expected) == 675_129_632      # 674,834,720 trained + pos_embed 256×1152
+    assert xl512.pos_embed.shape == (1, 1024, 1152) and len(xl512.state_dict()) == len(expected)
+    # diffusers AutoencoderKL at the SD config: 248 tensors (as in sd-vae-ft-mse's file), 140 of them decode
+    with open(os.path.join(FIX, "sd_vae_keys.json")) as f:
+        full = {k: tuple(s) for k, s in json.load(f)}
+    assert len(full) == 248
+    assert {k: tuple(v.shape) for k, v in dec.state_dict().items()} == \
+        {k: s for k, s in full.items() if not k.startswith(("encoder.", "quant_conv."))}
+    assert sum(p.numel() for p in dec.parameters()) == 49_490_199
+
+
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
