@@ -68,7 +68,7 @@ class Config:
     round_reg: float = 0.0         # AdaRound regulariser weight, β 20 -> 2 after 20 % warm-up (official: off, §4.3, D6)
     ablate: str = ""               # extra variants, comma-separated: tdac (uniform calibration), fbr (block loss only)
     n: int = 50000                 # samples per variant for FID / PSNR / the grid (paper: 50k)
-    eval_batch: int = 500          # images per forward when sampling (paper: 500)
+    eval_batch: int = 500          # images per forward without gradients: sampling, caching (paper: 500)
     ref: str = ""                  # FID reference statistics .npz (eval_fid.py --save-stats); empty: no FID
     seed: int = 1234               # seed of trajectories, selection, reconstruction and (seed + 1) sampling noise (§5)
     device: str = "auto"           # auto, cpu or cuda
@@ -83,7 +83,7 @@ class Config:
 # mid-trajectory, the shape of the official figure (spec §3.1), and counts 0.4-1.6x the mean (the figure: 3-18
 # around 10.24).
 PRESETS = {
-    "ddpm-cifar10-small": dict(steps=10, calib=96, calib_traj=48, iters=30, n=192, eval_batch=192, radius=0.2,
+    "ddpm-cifar10-small": dict(steps=10, calib=96, calib_traj=48, iters=30, n=192, eval_batch=64, radius=0.2,
                                ref=os.path.join(HERE, "models", "cifar10_fragment_train_stats.npz")),
     "ddpm-cifar10": dict(steps=100, calib=1024, calib_traj=1024, iters=5000, n=50000, eval_batch=500, ref=""),
 }
@@ -398,7 +398,7 @@ def reconstruct_unit(unit, x_fp, x_q, y_fp, layers, o_fp, gamma, iters, batch, l
     return (losses[0], losses[-1]) if losses else (None, None)
 
 
-def reconstruct(fp, q, calib, gamma, iters, batch, lr_w, lr_a, keep, round_reg, generator):
+def reconstruct(fp, q, calib, gamma, iters, batch, lr_w, lr_a, keep, round_reg, generator, io_batch=256):
     """Units in execution order (spec §4.2, §4.4): the FP network gives the unit's FP input x_fp, FP output y_fp
     and FP layer outputs o_l; the quantized network (finished units hard-rounded) gives its input x_q."""
     fp_mods, q_mods = dict(fp.named_modules()), dict(q.named_modules())
@@ -406,9 +406,9 @@ def reconstruct(fp, q, calib, gamma, iters, batch, lr_w, lr_a, keep, round_reg, 
     for name in tqdm(units_in_order(q), desc="reconstruct"):
         unit = q_mods[name]
         layers = inner_layers(unit) if gamma > 0 else []
-        x_fp, y_fp, o_fp = unit_io(fp, fp_mods[name], calib, 256, layers)
+        x_fp, y_fp, o_fp = unit_io(fp, fp_mods[name], calib, io_batch, layers)
         switch(q, True)
-        x_q, _, _ = unit_io(q, unit, calib, 256)
+        x_q, _, _ = unit_io(q, unit, calib, io_batch)
         first, last = reconstruct_unit(unit, x_fp, x_q, y_fp, layers, o_fp, gamma, iters, batch, lr_w, lr_a, keep,
                                        round_reg, generator)
         log.append(dict(unit=name, loss_first=first, loss_last=last))
@@ -481,7 +481,7 @@ def main():
     pick = torch.randperm(len(held["x"]), generator=g)[:512]
     held = {k: v[pick] for k, v in held.items()}
     with torch.no_grad():
-        eps_ref = torch.cat([fp(held["x"][b], held["t"][b]) for b in torch.arange(len(held["x"])).split(256)])
+        eps_ref = torch.cat([fp(held["x"][b], held["t"][b]) for b in torch.arange(len(held["x"])).split(cfg.eval_batch)])
     results = {"fp": dict(eps_mse=0.0, psnr=None, fid=fid_or_none(fp_x, cfg.ref), seconds=time.time() - t0,
                           peak_mb=peak_mb(device))}
     save_grid(fp_x[:64], os.path.join(cfg.out, "grid_fp.png"))
@@ -518,13 +518,14 @@ def main():
                         m.wq.init_rounding(m.weight)
             load_strict(q, {k: v.to(device) for k, v in st.items()}, cfg.load)
         else:
-            init_acts(q, calib[use_tdac], search)
+            init_acts(q, calib[use_tdac], search)            # batches of 256 (spec §2.7)
             if train:
                 log = reconstruct(fp, q, calib[use_tdac], cfg.gamma if fbr else 0.0, cfg.iters, cfg.batch, lr_w, lr_a,
-                                  cfg.qdrop, cfg.round_reg, torch.Generator().manual_seed(cfg.seed))
+                                  cfg.qdrop, cfg.round_reg, torch.Generator().manual_seed(cfg.seed), cfg.eval_batch)
         switch(q, True)
         x = sample(q, noise, seq, abar, cfg.eval_batch)
-        results[name] = dict(eps_mse=eps_mse(lambda x, t, i: q(x, t), held["x"], held["t"], held["t"], eps_ref),
+        results[name] = dict(eps_mse=eps_mse(lambda x, t, i: q(x, t), held["x"], held["t"], held["t"], eps_ref,
+                                             cfg.eval_batch),
                              psnr=psnr(x, fp_x), fid=fid_or_none(x, cfg.ref), seconds=time.time() - t0,
                              peak_mb=peak_mb(device), reconstruction=log)
         save_grid(x[:64], os.path.join(cfg.out, f"grid_{name}.png"))
