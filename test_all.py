@@ -939,6 +939,247 @@ def test_dit_xl_2_and_sd_vae_names_and_shapes_equal_the_official():
 
 
 
+# -----------------------------------------------------------------------------
+# ---- Q-DiT
+# qdit.py: group-wise fake quantization, dynamic activations, GPTQ, the granularity search, the ladder end to end
+
+import random
+import qdit
+
+QDIT_TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, mlp_ratio=4.0,
+                 class_dropout_prob=0.1, num_classes=10, learn_sigma=False)      # Linear inputs 32 and 128 wide
+
+
+def test_qdit_group_quant_identities():
+    W, a = torch.randn(16, 64), torch.randn(2, 5, 64)
+    for sym in (False, True):
+        y = qdit.rtn(W, 4, 16, sym)
+        assert torch.allclose(qdit.rtn(y, 4, 16, sym), y, rtol=1e-6, atol=1e-7)      # idempotent (to an ulp of s)
+        assert all(len(torch.unique(r)) <= 16 for r in y.reshape(-1, 16))           # 2^4 levels per row and group
+        assert torch.equal(y[:, 16:32], qdit.rtn(W[:, 16:32].contiguous(), 4, 16, sym))   # groups are independent
+    # g = the whole row (or 0) is per-output-channel quantization of the range as it is (no 0 forced in, §2.1)
+    per_row = Quantizer(4, "channel", include_zero=False)
+    per_row.set_range(*minmax_range(per_row.rows(W)))
+    assert torch.equal(qdit.rtn(W, 4, 64, False), per_row(W)) and torch.equal(qdit.rtn(W, 4, 0, False), per_row(W))
+    # activations: g = d_in is per token, and dynamic quantization is idempotent too
+    aq = qdit.ActQuant(8, 64, False, dynamic=True)
+    assert torch.equal(aq(a), Quantizer(8, "group", 64, include_zero=False, dynamic=True)(a))
+    y = qdit.ActQuant(8, 16, False, True)(a)
+    assert torch.allclose(qdit.ActQuant(8, 16, False, True)(y), y, rtol=1e-6, atol=1e-7)
+    # a group size that does not divide the channel count: a clear error, not a reshape failure
+    with pytest.raises(UserError, match="group size 48 does not divide"):
+        qdit.rtn(W, 4, 48, False)
+    with pytest.raises(UserError, match="group size 48 does not divide"):
+        qdit.ActQuant(8, 48, False, True)(a)
+    with pytest.raises(UserError, match="does not divide the 32 input channels of blocks.0.attn.qkv"):
+        qdit.quantize(dit.DiT(**QDIT_TINY), [24] * 8, 8, False, "dynamic", None)
+
+
+def test_qdit_quantizes_the_layers_of_section_5():
+    fp = dit.DiT(**QDIT_TINY).eval()
+    q = qdit.quantize(fp, [8, 16, 32, 64] * 2, 8, False, "dynamic", adaln_g=16)
+    wrapped = {n: m for n, m in q.named_modules() if isinstance(m, QuantLinear)}
+    assert sorted(wrapped) == sorted(qdit.gene_layers(fp) + ["blocks.0.adaLN_modulation.1", "blocks.1.adaLN_modulation.1"])
+    assert [wrapped[n].g for n in qdit.gene_layers(fp)] == [8, 16, 32, 64] * 2           # gene 4i + j: layer j of block i
+    assert all(wrapped[n].quant_a and wrapped[n].aq.g == wrapped[n].g for n in qdit.gene_layers(fp))  # W and A share g
+    assert not wrapped["blocks.1.adaLN_modulation.1"].quant_a and wrapped["blocks.1.adaLN_modulation.1"].g == 16  # D6
+    assert isinstance(q.blocks[0].attn.act_q, nn.Identity) and isinstance(q.final_layer.linear, nn.Linear)   # D7, §5
+    assert fp.blocks[0].attn.qkv.__class__ is nn.Linear                                   # fp untouched
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 900.0]), torch.tensor([1, 10])
+    with torch.no_grad():                                                                # quantizers off: exactly FP
+        set_quant(q, False, False)
+        assert torch.equal(q(x, t, y), fp(x, t, y))
+
+
+def test_qdit_dynamic_quantization_differs_per_sample():
+    a, b = torch.randn(1, 6, 32), 20 * torch.randn(1, 6, 32)                            # b: a 20x wider range
+    dyn = qdit.ActQuant(4, 16, False, dynamic=True)
+    both = dyn(torch.cat([a, b]))
+    assert torch.equal(both[:1], dyn(a))                # a's (s, z) are its own, whatever shares the batch
+    assert torch.equal(dyn(2 * a), 2 * dyn(a))          # recomputed at each call: they follow the input
+    static = qdit.ActQuant(4, 16, False, dynamic=False)
+    static.observing = True
+    static(torch.cat([a, b])), static(a)                # §4.3: running min/max, 0.9 old + 0.1 new
+    static.observing = False
+    assert torch.allclose(static.lo[:, 0], 0.9 * torch.cat([a, b]).reshape(-1, 2, 16).amin((0, 2))
+                          + 0.1 * a.reshape(-1, 2, 16).amin((0, 2)))
+    err_dyn, err_static = (both[:1] - a).abs().max(), (static(torch.cat([a, b]))[:1] - a).abs().max()
+    assert err_static > 5 * err_dyn                     # static: a is quantized on b's range
+
+
+def test_qdit_gptq_lowers_the_layer_output_error_versus_rtn():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(32, 128, generator=g)
+    X = torch.randn(4096, 128, generator=g) @ torch.randn(128, 128, generator=g)         # correlated inputs
+    H = 2 * X.T @ X / len(X)
+    err = lambda Q: (X @ (W - Q).T).pow(2).mean().item()                                # noqa: E731
+    for group in (0, 32):
+        for sym in (False, True):
+            assert err(qdit.gptq(W, H, 4, group, sym)) < 0.7 * err(qdit.rtn(W, 4, group, sym)), (group, sym)
+    # with H = I there is nothing to compensate: GPTQ is RTN with GPTQ's own quantizer (range through 0)
+    rtn = torch.cat([fake_quant(W[:, k:k + 32], *qdit.gptq_params(W[:, k:k + 32], 4, False), 0, 15)
+                     for k in range(0, 128, 32)], 1)
+    assert torch.equal(qdit.gptq(W, torch.eye(128), 4, 32, False), rtn)
+    Q = qdit.gptq(W, H, 3, 32, False, blocksize=48)    # groups across block edges; still a 3-bit grid per group
+    assert all(len(torch.unique(r)) <= 8 for r in Q.reshape(32, 4, 32).transpose(0, 1).reshape(-1, 32))
+
+
+def test_qdit_search_respects_its_budget_and_is_reproducible():
+    net = dit.DiT(**QDIT_TINY)
+    cfg = qdit.Config(population=8, topk=3, crossover=4, mutation=4, p_mut=0.2, epochs=4)
+    score = lambda c: -sum(w / g for w, g in zip([32, 32, 32, 128] * 2, c)) + 0.01 * sum(c[::2])   # noqa: E731
+
+    def run(seed, bitops=False):  # finer groups score better here, so the budget binds
+        legal, seen = qdit.constraint(net, 16, bitops), []
+        fitness = lambda c: seen.append(c) or score(c)                                      # noqa: E731
+        return qdit.evolution(fitness, 8, [8, 16, 32], legal, [16] * 8, cfg, random.Random(seed)), seen, legal
+    (genes, best, log), seen, legal = run(0)
+    assert seen[0] == (16,) * 8 and len(set(seen)) == len(seen) == log["evaluated"] > 20
+    assert all(legal(c) and sum(c) >= 16 * 8 for c in seen) and sum(genes) >= 16 * 8    # mean g >= budget
+    assert best == score(genes) == min(map(score, seen)) < score((16,) * 8)
+    assert [h["best"] for h in log["history"]] == sorted((h["best"] for h in log["history"]), reverse=True)
+    assert run(0)[0] == (genes, best, log) and run(0)[1] == seen                          # the same for a seed
+    assert run(1)[1] != seen
+    _, seen_b, legal_b = run(0, bitops=True)          # D12's option: Σ d_in·d_out/g, fine groups cost most in big layers
+    cost = [32 * 96, 32 * 32, 32 * 128, 128 * 32] * 2
+    assert legal_b((16,) * 8) and not legal_b((8,) * 8) and legal((8, 32, 8, 32) * 2) and not legal_b((8, 32, 8, 32) * 2)
+    assert all(sum(w / g for w, g in zip(cost, c)) <= sum(cost) / 16 + 1e-9 for c in seen_b)
+
+
+def test_qdit_fid_of_few_samples_equals_frechet_distance():
+    rng = np.random.default_rng(0)
+    f, ref = rng.standard_normal((20, 64)), rng.standard_normal((500, 64)) @ rng.standard_normal((64, 64))
+    expected = eval_fid.frechet_distance(f.mean(0), np.cov(f, rowvar=False), ref.mean(0), np.cov(ref, rowvar=False))
+    got = qdit.fid_few(torch.tensor(f), torch.tensor(ref.mean(0)), torch.tensor(np.cov(ref, rowvar=False)))
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_qdit_bundled_dit_trains_exports_and_resumes(tmp_path, monkeypatch, capsys):
+    """models/train.py --model dit-cifar10-small, on a tiny DiT under that name: adaLN-Zero init, labels, export, reload."""
+    from models import train
+    tiny = dict(QDIT_TINY, input_size=32, patch_size=8, depth=1)
+    monkeypatch.setitem(dit.CONFIGS, "dit-cifar10-small", tiny)
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([5.0, 500.0]), torch.tensor([3, 10])
+    with torch.no_grad():
+        assert torch.equal(train.dit_init(dit.DiT(**tiny))(x, t, y), torch.zeros(2, 3, 32, 32))   # blocks start as identity
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", train_images=images, train_labels=rng.integers(0, 10, 16).astype(np.uint8))
+    np.savez(tmp_path / "nolabels.npz", train_images=images)
+    args = ["train.py", "--model", "dit-cifar10-small", "--data", str(tmp_path / "d.npz"), "--batch", "4", "--warmup", "1",
+            "--ema", "0.5", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "dit.safetensors")]
+    monkeypatch.setattr(sys, "argv", args + ["--steps", "2"])
+    train.main()
+    sd = read_safetensors(str(tmp_path / "dit.safetensors"))
+    assert sd["pos_embed"].dtype == torch.float32 and sd["blocks.0.attn.qkv.weight"].dtype == torch.float16
+    net = dit.load_dit("dit-cifar10-small", str(tmp_path / "dit.safetensors"))       # strict: the bundled loader
+    with torch.no_grad():
+        assert net(x, t, y).abs().mean() > 0 and net.y_embedder.embedding_table.weight.shape == (11, 32)
+    assert (tmp_path / "w" / "samples_000002.png").is_file()
+    monkeypatch.setattr(sys, "argv", args + ["--steps", "3"])
+    train.main()
+    assert "resumed from" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", args + ["--data", str(tmp_path / "nolabels.npz"), "--workdir", str(tmp_path / "w2")])
+    with pytest.raises(UserError, match="train_labels"):
+        train.main()
+
+
+@needs_cifar
+@pytest.mark.skipif(not os.path.isfile(os.path.join(HERE, "models", "dit_cifar10_small.safetensors")),
+                    reason="models/dit_cifar10_small.safetensors is not trained yet (python -m models.train --model dit-cifar10-small)")
+def test_bundled_dit_is_the_trained_one():
+    """ε-MSE on noised real CIFAR-10 test images with their labels: far below an untrained DiT's."""
+    with np.load(os.path.join(ASSETS, "cifar10-fragment.npz")) as z:
+        x0 = torch.from_numpy(z["test_images"][:256]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        y = torch.from_numpy(z["test_labels"][:256]).long()
+    g = torch.Generator().manual_seed(0)
+    t, eps = torch.randint(1000, (256,), generator=g), torch.randn(x0.shape, generator=g)
+    a = linear_alphas_cumprod().float()[t].view(-1, 1, 1, 1)
+    nets = dit.load_dit("dit-cifar10-small"), dit.DiT(**dit.CONFIGS["dit-cifar10-small"]).eval()
+    with torch.no_grad():
+        trained, untrained = [(net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t.float(), y) - eps).pow(2).mean().item()
+                              for net in nets]
+    assert trained < 0.1 and untrained > 5 * trained, (trained, untrained)
+
+
+def qdit_model(tmp_path, monkeypatch):
+    """--ckpt args for the bundled DiT when it is there, else for a tiny random one under its name."""
+    if os.path.isfile(os.path.join(HERE, "models", "dit_cifar10_small.safetensors")):
+        return []
+    monkeypatch.setitem(dit.CONFIGS, "dit-cifar10-small", QDIT_TINY)
+    torch.manual_seed(0)
+    net = dit.DiT(**QDIT_TINY)
+    for p in net.parameters():
+        p.data += 0.02 * torch.randn_like(p) if p.requires_grad else 0
+    save_safetensors(net.state_dict(), str(tmp_path / "tiny.safetensors"))
+    return ["--ckpt", str(tmp_path / "tiny.safetensors")]
+
+
+def test_qdit_end_to_end_and_reload(tmp_path, monkeypatch):
+    ckpt = qdit_model(tmp_path, monkeypatch)
+    small = ["--steps", "3", "--calib", "6", "--calib-batch", "3", "--calib-steps", "3", "--n", "6", "--eval-batch", "6",
+             "--population", "4", "--topk", "2", "--crossover", "2", "--mutation", "2", "--epochs", "1", "--fit-n", "4",
+             "--fit-steps", "2", "--fitness", "mse", "--group-size", "16", "--space", "8,16,32", "--budget", "16",
+             "--ref", "", *ckpt]
+    monkeypatch.setattr(sys, "argv", ["qdit.py", *small, "--out", str(tmp_path / "o")])
+    qdit.main()
+    m = json.load(open(tmp_path / "o" / "results.json"))["metrics"]
+    ladder = ["rtn", "g16_static", "g16_dynamic", "searched"]
+    assert set(m) == {"fp", "calibration", "search", *ladder}
+    assert all(0 < m[r]["eps_mse"] < 1 and m[r]["psnr"] > 5 and m[r]["seconds"] > 0 and m[r]["peak_mb"] > 0 for r in ladder)
+    assert m["g16_dynamic"]["eps_mse"] < m["rtn"]["eps_mse"], m                         # groups + dynamic beat naive RTN
+    conf = json.load(open(tmp_path / "o" / "searched_config.json"))
+    assert conf["mean_g"] >= 16 and len(conf["group_sizes"]) == len(conf["layers"]) == 4 * len(qdit.load_dit(
+        "dit-cifar10-small", ckpt[1] if ckpt else None).blocks)
+    assert m["searched"]["mean_g"] == conf["mean_g"] and m["search"]["evaluated"] >= 4
+    assert all((tmp_path / "o" / f"{f}").is_file() for f in ["grid_fp.png"] + [f"grid_{r}.png" for r in ladder]
+               + [f"{r}.safetensors" for r in ladder])
+    for load, rung in (("searched_config.json", "searched"), ("searched.safetensors", "loaded")):   # --load both ways
+        monkeypatch.setattr(sys, "argv", ["qdit.py", *small, "--load", str(tmp_path / "o" / load), "--out", str(tmp_path / load)])
+        qdit.main()
+        again = json.load(open(tmp_path / load / "results.json"))["metrics"]
+        assert set(again) >= {"fp", rung} and "rtn" not in again
+        assert again[rung]["eps_mse"] == pytest.approx(m["searched"]["eps_mse"], rel=1e-5)
+        assert again[rung]["psnr"] == pytest.approx(m["searched"]["psnr"], rel=1e-5)
+
+
+def test_qdit_latent_dit_samples_through_the_vae(tmp_path, monkeypatch):
+    """The dit-xl-2 path on tiny stand-ins: 4 latent channels + learned variance, decoded by the SD VAE's structure."""
+    tiny = dict(QDIT_TINY, in_channels=4, learn_sigma=True)
+    monkeypatch.setitem(dit.CONFIGS, "dit-xl-2-256", tiny)
+    monkeypatch.setitem(vae.CONFIGS, "sd-vae-ft-mse", VAE_TINY)
+    torch.manual_seed(0)
+    save_safetensors(dit.DiT(**tiny).state_dict(), str(tmp_path / "tiny.safetensors"))
+    monkeypatch.setattr(sys, "argv", ["qdit.py", "--model", "dit-xl-2-256", "--ckpt", str(tmp_path / "tiny.safetensors"),
+                                      "--vae", os.path.join(FIX, "vae_tiny.safetensors"), "--steps", "3", "--calib", "4",
+                                      "--calib-batch", "2", "--calib-steps", "3", "--n", "4", "--eval-batch", "2",
+                                      "--group-size", "16", "--space", "8,16,32", "--budget", "16", "--out", str(tmp_path / "o")])
+    qdit.main()
+    m = json.load(open(tmp_path / "o" / "results.json"))["metrics"]
+    assert set(m) == {"fp", "calibration", "rtn", "g16_static", "g16_dynamic"} and m["fp"]["fid"] is None
+    assert all(0 < m[r]["eps_mse"] and m[r]["psnr"] > 0 for r in ("rtn", "g16_static", "g16_dynamic"))
+    assert np.asarray(Image.open(tmp_path / "o" / "grid_fp.png")).shape == (2 + 18, 2 + 4 * 18, 3)   # 16 px images
+
+
+def test_qdit_bad_input_exit_2(tmp_path, monkeypatch, capsys):
+    r = run_cli("qdit.py", "--w-bits", "9", "--out", str(tmp_path / "o"))             # the real command line, once
+    assert r.returncode == 2 and "bits must be within 2..8" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    ckpt = qdit_model(tmp_path, monkeypatch)
+    cases = [(["--a-bits", "1"], "bits must be within"), (["--space", "16,x"], "--space"),
+             (["--budget", "1000"], "--budget"), (["--fitness", "xyz"], "--fitness"),
+             (["--calib-batch", "30", "--calib-steps", "20"], "--calib-batch"),
+             (["--group-size", "48", "--space", "8,16,32", "--budget", "16", *ckpt], "group size 48 does not divide"),
+             (["--space", "16,48", "--group-size", "16", "--budget", "16", *ckpt], "group size 48 does not divide"),
+             (["--model", "dit-xl-2-256", "--ckpt", os.path.join(FIX, "dit_tiny.safetensors")], "does not fit"),
+             (["--load", str(tmp_path / "none.json")], "no such file"),
+             (["--load", os.path.join(FIX, "dit_tiny.safetensors")], "not a model saved by qdit")]
+    for args, msg in cases:                                            # the rest in this process (no torch import each)
+        monkeypatch.setattr(sys, "argv", ["qdit.py", *args, "--out", str(tmp_path / "o")])
+        with pytest.raises(SystemExit) as e:
+            common.run_main(qdit.main)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert not (tmp_path / "o" / "results.json").exists()
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -1,15 +1,22 @@
 """
-Train the project's bundled DDPM: the `UNet` of models/ddpm.py, narrower than the paper's
-CIFAR-10 model, with the objective of Ho et al. 2020 (Algorithm 1): ε-prediction, linear β over
-1000 steps, uniform t, Adam with warm-up and gradient clipping, an EMA of the weights, random
-horizontal flips. Writes the EMA weights as fp16 safetensors: the file every method loads by
+Train the project's bundled models with the objective of Ho et al. 2020 (Algorithm 1): ε-prediction,
+linear β over 1000 steps, uniform t, Adam with warm-up and gradient clipping, an EMA of the weights,
+random horizontal flips. Writes the EMA weights as fp16 safetensors: the file every method loads by
 default, through the same strict path as the official checkpoints.
 
-    python -m models.train --data ../shared/assets/cifar10-fragment.npz     # the bundled model
+- `ddpm-cifar10-small`: the `UNet` of models/ddpm.py, narrower than the paper's CIFAR-10 model.
+- `dit-cifar10-small`: the `DiT` of models/dit.py in pixel space, class-conditional. As DiT trains
+  (Peebles & Xie §3, official train.py): the official init (adaLN-Zero), labels replaced by the null
+  class with probability 0.1 so that one network gives both halves of classifier-free guidance.
+  Unlike DiT, ε-MSE only (learn_sigma=False): DiT's learned variance needs the L_vlb term of improved
+  DDPM, and Q-DiT samples with DDIM η = 0, which never reads it.
+
+    python -m models.train --data ../shared/assets/cifar10-fragment.npz     # the bundled UNet
+    python -m models.train --model dit-cifar10-small                         # the bundled DiT
     python -m models.train --data cifar-10-batches-py --steps 200000        # the full training set
 
-Data: an .npz with `train_images` (N, 32, 32, 3) uint8 (or `arr_0`), or the official
-`cifar-10-batches-py` folder. Resumable: the state in --workdir is picked up again when present.
+Data: an .npz with `train_images` (N, 32, 32, 3) uint8 (or `arr_0`) and, for the DiT, `train_labels`,
+or the official `cifar-10-batches-py` folder. Resumable: the state in --workdir is picked up again.
 """
 import os
 import pickle
@@ -18,19 +25,20 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (UserError, atomic_write, ddim_sample, ddim_timesteps, linear_alphas_cumprod, parse_config,
                     pick_device, run_main, save_grid, save_safetensors, seed_everything)
-from models.ddpm import CONFIGS, UNet, load_unet
+from models import ddpm, dit
 
 
 @dataclass
 class Config:
-    """Train a DDPM UNet on CIFAR-10-format images (see the module docstring)."""
+    """Train a bundled diffusion model (UNet or DiT) on CIFAR-10-format images (see the module docstring)."""
     data: str = "../shared/assets/cifar10-fragment.npz"  # .npz with train_images/arr_0, or a cifar-10-batches-py folder
-    model: str = "ddpm-cifar10-small"    # architecture, a key of models.ddpm.CONFIGS
+    model: str = "ddpm-cifar10-small"    # architecture, a key of models.ddpm.CONFIGS or dit-cifar10-small
     steps: int = 20000                   # optimizer steps in total (a resumed run continues up to this)
     batch: int = 64                      # images per step
     lr: float = 5e-4                     # Adam learning rate after warm-up (DDPM: 2e-4 at 35.7 M parameters)
@@ -44,36 +52,67 @@ class Config:
     workdir: str = "runs/train"          # resumable state and sample grids
     out: str = "models/ddpm_cifar10_small.safetensors"  # the exported EMA weights (fp16)
     init: str = ""                       # warm start: net and EMA from exported weights, fresh Adam (a saved state wins)
+    class_dropout: float = 0.1           # DiT: probability that a label is replaced by the null class (DiT: 0.1)
 
 
-def load_images(path):
-    """CIFAR-10 training images as uint8 [N, 32, 32, 3]."""
+# The UNet keeps the defaults above. The DiT: Adam 3e-4 (DiT: AdamW 1e-4 at batch 256 and 33 M+ parameters),
+# its own output file and workdir. Flags given on the command line win.
+PRESETS = {**{m: {} for m in ddpm.CONFIGS},
+           "dit-cifar10-small": dict(lr=3e-4, out="models/dit_cifar10_small.safetensors", workdir="runs/train_dit")}
+
+
+def load_images(path, labels=False):
+    """CIFAR-10 training images as uint8 [N, 32, 32, 3]; with labels=True also their labels, int64 [N]."""
     if os.path.isdir(path):
         files = [os.path.join(path, f"data_batch_{i}") for i in range(1, 6)]
         if not all(os.path.isfile(f) for f in files):
             raise UserError(f"{path}: expected data_batch_1..5 of cifar-10-batches-py")
-        rows = [pickle.load(open(f, "rb"), encoding="bytes")[b"data"] for f in files]  # [10000, 3072] R, G, B planes
-        return np.concatenate(rows).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        batches = [pickle.load(open(f, "rb"), encoding="bytes") for f in files]
+        x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # R, G, B planes
+        return (x, np.concatenate([b[b"labels"] for b in batches]).astype(np.int64)) if labels else x
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file or folder; pass --data")
     with np.load(path) as z:
         key = "train_images" if "train_images" in z.files else "arr_0"
         if key not in z.files or z[key].ndim != 4 or z[key].shape[-1] != 3 or z[key].dtype != np.uint8:
             raise UserError(f"{path}: needs train_images or arr_0 as uint8 [N, H, W, 3]")
-        return z[key]
+        if labels and ("train_labels" not in z.files or z["train_labels"].shape != z[key].shape[:1]):
+            raise UserError(f"{path}: a class-conditional model needs train_labels [N] next to {key}")
+        return (z[key], z["train_labels"].astype(np.int64)) if labels else z[key]
+
+
+def dit_init(net):
+    """The official DiT initialize_weights: Xavier-uniform Linears (and patch embedding, as a Linear) with
+    zero biases, N(0, 0.02) label table and timestep MLP, and zeros in every adaLN modulation and in the
+    final Linear, so that each block starts as the identity (adaLN-Zero, DiT §3.2)."""
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
+    nn.init.xavier_uniform_(net.x_embedder.proj.weight.view(net.x_embedder.proj.weight.shape[0], -1))
+    nn.init.zeros_(net.x_embedder.proj.bias)
+    nn.init.normal_(net.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(net.t_embedder.mlp[0].weight, std=0.02), nn.init.normal_(net.t_embedder.mlp[2].weight, std=0.02)
+    for m in [b.adaLN_modulation[-1] for b in net.blocks] + [net.final_layer.adaLN_modulation[-1], net.final_layer.linear]:
+        nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
+    return net
 
 
 def main():
-    cfg = parse_config(Config)
+    cfg = parse_config(Config, PRESETS)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    if cfg.model not in CONFIGS:
-        raise UserError(f"unknown --model {cfg.model!r}; choose one of {', '.join(CONFIGS)}")
-    images = torch.from_numpy(load_images(cfg.data)).permute(0, 3, 1, 2).contiguous()  # [N, 3, 32, 32] uint8
+    is_dit = cfg.model in dit.CONFIGS
+    images, labels = load_images(cfg.data, labels=True) if is_dit else (load_images(cfg.data), None)
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # [N, 3, 32, 32] uint8
     abar = linear_alphas_cumprod().float().to(device)              # ᾱ_t, [1000]
 
-    net = UNet(**CONFIGS[cfg.model]).to(device)
-    ema = UNet(**CONFIGS[cfg.model]).to(device).eval().requires_grad_(False)
+    def build():
+        return dit_init(dit.DiT(**dit.CONFIGS[cfg.model])) if is_dit else ddpm.UNet(**ddpm.CONFIGS[cfg.model])
+    net, ema = build().to(device), build().to(device).eval().requires_grad_(False)
+    if is_dit:
+        labels, n_cls = torch.from_numpy(labels), net.num_classes
+        if not 0 <= labels.min() <= labels.max() < n_cls:
+            raise UserError(f"{cfg.data}: labels must lie in 0..{n_cls - 1} for {cfg.model}")
     ema.load_state_dict(net.state_dict())
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)                  # batches, t and noise
@@ -85,7 +124,7 @@ def main():
         step = s["step"]
         print(f"resumed from {state_path} at step {step}")
     elif cfg.init:
-        sd = load_unet(cfg.model, cfg.init).state_dict()           # the project's strict loader
+        sd = (dit.load_dit if is_dit else ddpm.load_unet)(cfg.model, cfg.init).state_dict()  # the strict loaders
         net.load_state_dict(sd), ema.load_state_dict(sd)
         print(f"warm start from {cfg.init}")
     if not cfg.init and cfg.ema ** (cfg.steps - step) > 0.01:                # a lesson of the GPU run (README)
@@ -104,7 +143,12 @@ def main():
         t = torch.randint(1000, (cfg.batch,), generator=gen).to(device)
         eps = torch.randn(x0.shape, generator=gen).to(device)
         a = abar[t].view(-1, 1, 1, 1)
-        loss = F.mse_loss(net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t.float()), eps)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        if is_dit:  # label dropout: the null class n_cls trains the unconditional ε of classifier-free guidance
+            y = torch.where(torch.rand(cfg.batch, generator=gen) < cfg.class_dropout, n_cls, labels[idx]).to(device)
+            loss = F.mse_loss(net(x_t, t.float(), y)[:, :3], eps)  # ε channels (learn_sigma would add the variance)
+        else:
+            loss = F.mse_loss(net(x_t, t.float()), eps)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         opt.zero_grad(set_to_none=True)
@@ -121,12 +165,16 @@ def main():
             with atomic_write(state_path) as f:
                 torch.save(dict(net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                                 gen=gen.get_state(), step=done), f)
-            save_safetensors({k: v.half() for k, v in ema.state_dict().items()}, cfg.out,
-                             metadata=dict(asdict(cfg), step=done, model=cfg.model))
+            save_safetensors({k: v if k == "pos_embed" else v.half() for k, v in ema.state_dict().items()}, cfg.out,
+                             metadata=dict(asdict(cfg), step=done, model=cfg.model))  # DiT's sin-cos table stays fp32
         if done % cfg.sample_every == 0 or done == cfg.steps:
             g = torch.Generator(device).manual_seed(0)
             x = torch.randn(64, 3, 32, 32, generator=g, device=device)
-            x = ddim_sample(ema, x, ddim_timesteps("quad", 50), linear_alphas_cumprod(), generator=g)
+            if is_dit:  # DiT's respacing, 6-7 images a class, CFG 1.5 (Q-DiT's setting)
+                y = torch.arange(64, device=device) % n_cls
+                x = ddim_sample(dit.eps_fn(ema, y, 1.5), x, ddim_timesteps("even", 50), linear_alphas_cumprod())
+            else:
+                x = ddim_sample(ema, x, ddim_timesteps("quad", 50), linear_alphas_cumprod(), generator=g)
             save_grid(x, os.path.join(cfg.workdir, f"samples_{done:06d}.png"))
     print(f"{cfg.steps} steps, {time.time() - t0:.0f} s this run; EMA weights -> {cfg.out}")
 
