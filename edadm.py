@@ -34,7 +34,7 @@ from common import (QuantConv2d, QuantLinear, UserError, ddim_sample, ddim_times
                     linear_alphas_cumprod, load_state_dict, load_strict, lp_search_range, minmax_range,
                     parse_config, pick_device, psnr, quant_params, replace_modules, run_main, save_grid,
                     save_safetensors, seed_everything, set_quant, write_record)
-from dilatequant import fid_or_none, peak_mb  # FID when Inception is cached; process peak memory
+from dilatequant import fid_or_none, peak_mb, predict  # FID when Inception is cached; peak memory; batched ε
 from models.ddpm import AttnBlock, ResnetBlock, load_unet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -480,8 +480,7 @@ def main():
                 t=torch.cat([torch.full((len(x),), float(t)) for x, t, _ in traj]).to(device))
     pick = torch.randperm(len(held["x"]), generator=g)[:512]
     held = {k: v[pick] for k, v in held.items()}
-    with torch.no_grad():
-        eps_ref = torch.cat([fp(held["x"][b], held["t"][b]) for b in torch.arange(len(held["x"])).split(cfg.eval_batch)])
+    eps_ref = predict(fp, held, cfg.eval_batch, False)
     results = {"fp": dict(eps_mse=0.0, psnr=None, fid=fid_or_none(fp_x, cfg.ref), seconds=time.time() - t0,
                           peak_mb=peak_mb(device))}
     save_grid(fp_x[:64], os.path.join(cfg.out, "grid_fp.png"))
