@@ -33,15 +33,10 @@ class UserError(Exception):
 # the last dim, the input channel of a Linear weight [d_out, d_in] or of tokens [B, N, d_in].
 
 def to_rows(x, granularity, group_size=0):
-    if granularity == "tensor":
-        return x.reshape(1, -1)                                     # [1, numel]
-    if granularity == "channel":
-        return x.reshape(x.shape[0], -1)                            # [C, numel/C]
-    if granularity == "group":
-        if group_size <= 0 or x.shape[-1] % group_size:
-            raise UserError(f"group size {group_size} does not divide the channel count {x.shape[-1]}; pick a divisor")
-        return x.reshape(-1, group_size)                            # [numel/g, g]
-    raise ValueError(f"unknown granularity {granularity!r}")
+    if granularity == "group" and (group_size <= 0 or x.shape[-1] % group_size):
+        raise UserError(f"group size {group_size} does not divide the channel count {x.shape[-1]}; pick a divisor")
+    shape = {"tensor": (1, -1), "channel": (x.shape[0], -1), "group": (-1, group_size)}   # [1, numel], [C, ·], [·, g]
+    return x.reshape(shape[granularity])
 
 
 def round_ste(x):
@@ -59,10 +54,9 @@ def qrange(bits, symmetric):  # integer grid: [0, 2^b − 1] with a zero point, 
 
 
 def quant_params(lo, hi, bits, symmetric=False, include_zero=True, eps=1e-8):
-    """(Δ, z) from a range [lo, hi] (tensors of one shape, e.g. [R, 1]).
-    Asymmetric: Δ = (hi − lo)/(2^b − 1), z = clamp(round(−lo/Δ)). With include_zero the range is
-    first widened to contain 0 (EDA-DM, DilateQuant); Q-DiT does not, and relies on the clamp of z.
-    Symmetric: Δ = max(|lo|, |hi|)/(2^(b−1) − 1), z = 0."""
+    """(Δ, z) from a range [lo, hi] (tensors of one shape, e.g. [R, 1]). Asymmetric: Δ = (hi − lo)/(2^b − 1),
+    z = clamp(round(−lo/Δ)); include_zero first widens the range to contain 0 (EDA-DM, DilateQuant; Q-DiT does
+    not, and relies on the clamp of z). Symmetric: Δ = max(|lo|, |hi|)/(2^(b−1) − 1), z = 0."""
     qmin, qmax = qrange(bits, symmetric)
     if symmetric:
         delta = torch.maximum(lo.abs(), hi.abs()).clamp(min=eps) / qmax
@@ -96,9 +90,8 @@ def lp_search_range(rows, bits, grid, symmetric_range, p=2.4, symmetric=False, i
 
 
 class Quantizer(nn.Module):
-    """A fake quantizer with one (Δ, z) per row. Static: (Δ, z) are set once by `set_range`
-    (buffers; `make_learnable` turns Δ into a Parameter for QAT/reconstruction). Dynamic: the
-    min-max range of each row is taken at every call (Q-DiT's sample-wise activations)."""
+    """A fake quantizer with one (Δ, z) per row. Static: (Δ, z) set once by `set_range` (buffers; `make_learnable` turns
+    Δ into a Parameter for QAT/reconstruction). Dynamic: each row's min-max range at every call (Q-DiT's sample-wise)."""
 
     def __init__(self, bits, granularity="tensor", group_size=0, symmetric=False, include_zero=True, dynamic=False):
         super().__init__()
@@ -238,9 +231,9 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
              "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_safetensors(path):
-    """safetensors by hand: u64 little-endian header length n, n bytes of JSON
-    {name: {dtype, shape, data_offsets: [begin, end]}} (offsets into the buffer after the header)."""
+def read_safetensors(path, metadata=False):
+    """safetensors by hand: u64 little-endian header length n, n bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}} (offsets into the buffer after the header); metadata=True: also "__metadata__"."""
     with open(path, "rb") as f:
         data = bytearray(f.read())
     n = int.from_bytes(data[:8], "little")
@@ -259,7 +252,7 @@ def read_safetensors(path):
             raise UserError(f"{path}: tensor {name} lies outside the file (truncated?); re-download it")
         out[name] = (torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + a) if count else
                      torch.empty(0, dtype=dtype)).reshape(info["shape"])
-    return out
+    return (out, header.get("__metadata__", {})) if metadata else out
 
 
 def save_safetensors(tensors, path, metadata=None):
@@ -294,6 +287,14 @@ def load_state_dict(path):
     return sd
 
 
+def load_saved(path, tool):
+    """(state dict, config) of a quantized model that `tool`.py saved: safetensors, its config JSON in metadata[tool]."""
+    sd, meta = read_safetensors(path, True) if os.path.isfile(path) and path.endswith(".safetensors") else ({}, {})
+    if tool not in meta:
+        raise UserError(f"{path}: not a model saved by {tool}.py (no '{tool}' metadata); pass a .safetensors from its --out")
+    return sd, json.loads(meta[tool])
+
+
 def load_strict(model, sd, what):
     """model.load_state_dict(sd, strict=True), but a mismatch is one line naming the keys."""
     own = model.state_dict()
@@ -315,10 +316,9 @@ def linear_alphas_cumprod(T=1000, beta_start=1e-4, beta_end=0.02):
 
 
 def ddim_timesteps(kind, steps, T=1000):
-    """The ascending timesteps of an S-step sampler. "uniform": 0, T/S, 2T/S, … (DDIM code). "quad":
-    int(linspace(0, √(0.8 T), S)²) (DDIM code; the papers' CIFAR-10 setting): it ends at t = 800 and
-    repeats small t (S = 100: 96 distinct), so a step is named by its position here, never by t.
-    "even": round(k (T−1)/(S−1)), as DiT's respacing computes it."""
+    """The ascending timesteps of an S-step sampler. "uniform": 0, T/S, 2T/S, … (DDIM code). "quad": int(linspace(0,
+    √(0.8 T), S)²) (DDIM code; the papers' CIFAR-10 setting): it ends at t = 800 and repeats small t (S = 100: 96
+    distinct), so a step is named by its position here, never by t. "even": round(k (T−1)/(S−1)), as DiT's respacing."""
     if kind == "uniform":
         return list(range(0, T, T // steps))[:steps]
     if kind == "quad":

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (QuantConv2d, QuantLinear, Quantizer, UserError, ddim_sample, ddim_timesteps, fake_quant,
-                    linear_alphas_cumprod, load_state_dict, load_strict, lp_search_range, minmax_range, parse_config,
+                    linear_alphas_cumprod, load_saved, load_strict, lp_search_range, minmax_range, parse_config,
                     pick_device, psnr, replace_modules, round_ste, run_main, save_grid, save_safetensors,
                     seed_everything, set_quant, write_record)
 from models.ddpm import AttnBlock, Downsample, ResnetBlock, Upsample, load_unet
@@ -488,12 +488,7 @@ def main():
                         f"{cfg.calib_traj * cfg.steps}]")
     loaded = None
     if cfg.load:
-        st = load_state_dict(cfg.load)
-        with open(cfg.load, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))   # safetensors: length, JSON
-        loaded = json.loads(header.get("__metadata__", {}).get("dilatequant", "null"))
-        if loaded is None:
-            raise UserError(f"{cfg.load}: not a model saved by dilatequant.py (no 'dilatequant' metadata)")
+        st, loaded = load_saved(cfg.load, "dilatequant")   # its config is in the file's metadata
         cfg.model, cfg.steps, w_bits, a_bits, cfg.sm_bits = (loaded[k] for k in ("model", "steps", "w_bits", "a_bits", "sm_bits"))
     seed_everything(cfg.seed)
     device, t_start = pick_device(cfg.device), time.time()

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (QuantConv2d, QuantLinear, UserError, ddim_sample, ddim_timesteps, eps_mse, fake_quant,
-                    linear_alphas_cumprod, load_state_dict, load_strict, lp_search_range, minmax_range,
+                    linear_alphas_cumprod, load_saved, load_strict, lp_search_range, minmax_range,
                     parse_config, pick_device, psnr, quant_params, replace_modules, run_main, save_grid,
                     save_safetensors, seed_everything, set_quant, write_record)
 from dilatequant import fid_or_none, peak_mb, predict  # FID when Inception is cached; peak memory; batched ε
@@ -453,12 +453,7 @@ def main():
     lr_a = cfg.lr_a or (1e-3 if w_bits >= 8 else 5e-4)
     loaded = None
     if cfg.load:
-        st = load_state_dict(cfg.load)
-        with open(cfg.load, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))   # safetensors: length, JSON
-        loaded = json.loads(header.get("__metadata__", {}).get("edadm", "null"))
-        if loaded is None:
-            raise UserError(f"{cfg.load}: not a model saved by edadm.py (no 'edadm' metadata)")
+        st, loaded = load_saved(cfg.load, "edadm")   # its config is in the file's metadata
         cfg.model, cfg.steps, w_bits, a_bits, cfg.sm_bits, cfg.split, cfg.first_last_8bit = (loaded[k] for k in (
             "model", "steps", "w_bits", "a_bits", "sm_bits", "split", "first_last_8bit"))
     seed_everything(cfg.seed)

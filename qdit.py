@@ -36,7 +36,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from common import (CACHE, CHECKPOINTS, QuantLinear, UserError, atomic_write, ddim_sample, ddim_timesteps, eps_mse,
-                    fake_quant, linear_alphas_cumprod, load_state_dict, load_strict, minmax_range, parse_config,
+                    fake_quant, linear_alphas_cumprod, load_saved, load_strict, minmax_range, parse_config,
                     pick_device, psnr, qrange, quant_params, replace_modules, run_main, save_grid, save_safetensors,
                     seed_everything, to_rows, write_record)
 from dilatequant import fid_or_none, peak_mb  # FID when the Inception is cached; process peak memory
@@ -486,12 +486,7 @@ def main():
             raise UserError(f"{cfg.load}: not a configuration written by qdit.py (no group_sizes)")
         cfg.model, cfg.search = searched["model"], False
     elif cfg.load:
-        st = load_state_dict(cfg.load)
-        with open(cfg.load, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))   # safetensors: length, JSON
-        loaded = json.loads(header.get("__metadata__", {}).get("qdit", "null"))
-        if loaded is None:
-            raise UserError(f"{cfg.load}: not a model saved by qdit.py (no 'qdit' metadata)")
+        st, loaded = load_saved(cfg.load, "qdit")   # its config is in the file's metadata
         cfg.model, cfg.search = loaded["model"], False
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # GPTQ's maths in fp32 (R10)
     seed_everything(cfg.seed)

@@ -15,7 +15,7 @@ from PIL import Image
 import common
 import eval_fid
 from common import (Quantizer, QuantConv2d, QuantLinear, UserError, ddim_sample, ddim_timesteps, fake_quant,
-                    linear_alphas_cumprod, load_state_dict, lp_search_range, minmax_range, qrange, quant_params,
+                    linear_alphas_cumprod, load_saved, load_state_dict, lp_search_range, minmax_range, qrange, quant_params,
                     read_safetensors, replace_modules, save_safetensors, set_quant, to_rows)
 from models.ddpm import UNet, from_diffusers
 
@@ -155,6 +155,13 @@ def test_safetensors_round_trip_and_written_by_hand(tmp_path):
     (tmp_path / "h.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + data)
     h = read_safetensors(str(tmp_path / "h.safetensors"))
     assert h["w"].tolist() == [1.5, -2.0] and h["n"].item() == 7 and h["n"].shape == ()
+    # --load: the saving tool's config comes back from the metadata; another tool's file or a .pt is refused
+    save_safetensors({"a": tensors["a"]}, tmp_path / "q.safetensors", metadata={"edadm": json.dumps({"w_bits": 4})})
+    sd, cfg = load_saved(str(tmp_path / "q.safetensors"), "edadm")
+    assert cfg == {"w_bits": 4} and torch.equal(sd["a"], tensors["a"])
+    for path, tool in (("q.safetensors", "qdit"), ("x.safetensors", "edadm"), ("h.txt", "edadm")):
+        with pytest.raises(UserError, match=f"not a model saved by {tool}"):
+            load_saved(str(tmp_path / path), tool)
     # truncated and garbage files are one-line errors
     (tmp_path / "t.safetensors").write_bytes((tmp_path / "x.safetensors").read_bytes()[:-3])
     for bad in ("t.safetensors", "h.txt"):
