@@ -457,6 +457,31 @@ def fid_or_none(images, ref):
         return None
 
 
+def check_config(cfg, ablations):
+    """The flags dilatequant.py and edadm.py share: bit widths, --ablate names, --steps, --calib's range.
+    Returns (weight bits, activation bits, the ablations asked for)."""
+    w_bits, a_bits = cfg.w_bits or cfg.bits, cfg.a_bits or cfg.bits
+    for what, b in (("--bits/--w-bits", w_bits), ("--bits/--a-bits", a_bits), ("--sm-bits", cfg.sm_bits)):
+        if not 2 <= b <= 8:
+            raise UserError(f"{what} = {b}: bits must be within 2..8")
+    ablate = [a for a in cfg.ablate.split(",") if a]
+    if any(a not in ablations for a in ablate):
+        raise UserError(f"--ablate {cfg.ablate!r}: choose from {', '.join(ablations)} (comma-separated)")
+    if not 2 <= cfg.steps <= 1000:
+        raise UserError(f"--steps {cfg.steps}: the quad DDIM sequence needs 2..1000 steps")
+    if not cfg.batch <= cfg.calib <= cfg.calib_traj * cfg.steps:
+        raise UserError(f"--calib {cfg.calib} must lie in [--batch {cfg.batch}, --calib-traj x --steps = "
+                        f"{cfg.calib_traj * cfg.steps}] (the FP trajectories hold that many points)")
+    return w_bits, a_bits, ablate
+
+
+def print_table(results):
+    print(f"\n{'variant':12s} {'eps-MSE vs FP':>14s} {'PSNR vs FP':>11s} {'FID':>8s} {'seconds':>8s} {'peak MB':>8s}")
+    for name, r in results.items():
+        fid, ps = (f"{r[k]:.2f}" if r[k] is not None else "-" for k in ("fid", "psnr"))
+        print(f"{name:12s} {r['eps_mse']:14.5f} {ps:>11s} {fid:>8s} {r['seconds']:8.0f} {r['peak_mb']:8.0f}")
+
+
 def peak_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -474,18 +499,7 @@ VARIANTS = {  # name -> (WD, TPQ rows, BKD, L_p init); naive PTQ: one min-max ro
 
 def main():
     cfg = parse_config(Config, PRESETS)
-    w_bits, a_bits = cfg.w_bits or cfg.bits, cfg.a_bits or cfg.bits
-    for what, b in (("--bits/--w-bits", w_bits), ("--bits/--a-bits", a_bits), ("--sm-bits", cfg.sm_bits)):
-        if not 2 <= b <= 8:
-            raise UserError(f"{what} = {b}: bits must be within 2..8")
-    ablate = [a for a in cfg.ablate.split(",") if a]
-    if any(a not in ("wd", "tpq", "bkd") for a in ablate):
-        raise UserError(f"--ablate {cfg.ablate!r}: choose from wd, tpq, bkd (comma-separated)")
-    if not 2 <= cfg.steps <= 1000:
-        raise UserError(f"--steps {cfg.steps}: the quad DDIM sequence needs 2..1000 steps")
-    if cfg.calib < cfg.batch or cfg.calib > cfg.calib_traj * cfg.steps:
-        raise UserError(f"--calib {cfg.calib} must lie in [--batch {cfg.batch}, --calib-traj x --steps = "
-                        f"{cfg.calib_traj * cfg.steps}]")
+    w_bits, a_bits, ablate = check_config(cfg, ("wd", "tpq", "bkd"))
     loaded = None
     if cfg.load:
         st, loaded = load_saved(cfg.load, "dilatequant")   # its config is in the file's metadata
@@ -549,11 +563,7 @@ def main():
                              metadata=dict(dilatequant=json.dumps(meta)))
         print(f"{name}: {results[name]['seconds']:.0f} s")
 
-    print(f"\n{'variant':12s} {'eps-MSE vs FP':>14s} {'PSNR vs FP':>11s} {'FID':>8s} {'seconds':>8s} {'peak MB':>8s}")
-    for name, r in results.items():
-        fid = f"{r['fid']:.2f}" if r["fid"] is not None else "-"
-        ps = f"{r['psnr']:.2f}" if r["psnr"] is not None else "-"
-        print(f"{name:12s} {r['eps_mse']:14.5f} {ps:>11s} {fid:>8s} {r['seconds']:8.0f} {r['peak_mb']:8.0f}")
+    print_table(results)
     write_record(os.path.join(cfg.out, "results.json"), asdict(cfg) | dict(w_bits=w_bits, a_bits=a_bits), results,
                  time.time() - t_start, device)
     print(f"results -> {os.path.join(cfg.out, 'results.json')}")

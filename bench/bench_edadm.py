@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import edadm as ed
+from bench_dilatequant import full_size_unet, sync
 from common import parse_config, pick_device, run_main
-from models.ddpm import CONFIGS, UNet
 
 
 @dataclass
@@ -37,30 +37,12 @@ class Config:
     device: str = "auto"          # auto, cpu or cuda
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main():
     cfg = parse_config(Config)
     device = pick_device(cfg.device)
-    torch.manual_seed(0)
-    fp = UNet(**CONFIGS["ddpm-cifar10"]).eval().requires_grad_(False).to(device)
-    g = torch.Generator().manual_seed(0)
-    calib = dict(x=torch.randn(cfg.batch, 3, 32, 32, generator=g).to(device),
-                 t=torch.randint(1000, (cfg.batch,), generator=g).float().to(device))
+    fp, calib, g, fwd = full_size_unet(cfg.batch, cfg.steps, device)   # random weights; s per FP forward/image
     print(f"{sum(p.numel() for p in fp.parameters()) / 1e6:.2f} M parameters, W{cfg.w_bits}A{cfg.a_bits}, "
           f"T_s = {cfg.steps}, batch {cfg.batch}, γ {cfg.gamma}, {device} ({torch.get_num_threads()} threads)")
-
-    # one FP forward per image: the unit of the trajectory and caching cost
-    with torch.no_grad():
-        fp(calib["x"], calib["t"])
-        sync(device)
-        t0 = time.time()
-        fp(calib["x"], calib["t"])
-        sync(device)
-    fwd = (time.time() - t0) / cfg.batch
 
     # TDAC scores on random mid-attention features of the paper's shape [T_s, B, 256, 4, 4]
     Fk = torch.randn(cfg.steps, cfg.tdac_traj, 256, 4, 4, generator=g).to(device)
