@@ -457,6 +457,18 @@ def fid_or_none(images, ref):
         return None
 
 
+def held_out(fp, noise, seq, abar, g, batch, device):
+    """The ε-MSE inputs: 512 points (x_t, t, step) drawn from the FP trajectories of the first 64 sampling noises,
+    never calibration points, and the FP network's ε on them. edadm.py uses the same."""
+    _, traj = ddim_sample(fp, noise[:64], seq, abar, trajectory=True)
+    held = dict(x=torch.cat([x for x, _, _ in traj]).to(device),
+                t=torch.cat([torch.full((len(x),), float(t)) for x, t, _ in traj]).to(device),
+                idx=torch.cat([torch.full((len(x),), i) for x, _, i in traj]).to(device))
+    pick = torch.randperm(len(held["x"]), generator=g)[:512]
+    held = {k: v[pick] for k, v in held.items()}
+    return held, predict(fp, held, batch, False)
+
+
 def check_config(cfg, ablations):
     """The flags dilatequant.py and edadm.py share: bit widths, --ablate names, --steps, --calib's range.
     Returns (weight bits, activation bits, the ablations asked for)."""
@@ -517,13 +529,7 @@ def main():
     # FP: reference samples, and held-out ε-MSE inputs from its own trajectories (not the calibration ones)
     t0 = time.time()
     fp_x = sample(fp, noise, seq, abar, False, cfg.eval_batch)
-    _, traj = ddim_sample(fp, noise[:64], seq, abar, trajectory=True)
-    held = dict(x=torch.cat([x for x, _, _ in traj]).to(device),
-                t=torch.cat([torch.full((len(x),), float(t)) for x, t, _ in traj]).to(device),
-                idx=torch.cat([torch.full((len(x),), i) for x, _, i in traj]).to(device))
-    pick = torch.randperm(len(held["x"]), generator=g)[:512]
-    held = {k: v[pick] for k, v in held.items()}
-    eps_ref = predict(fp, held, cfg.eval_batch, False)
+    held, eps_ref = held_out(fp, noise, seq, abar, g, cfg.eval_batch, device)
     results = {"fp": dict(eps_mse=0.0, psnr=None, fid=fid_or_none(fp_x, cfg.ref), seconds=time.time() - t0,
                           peak_mb=peak_mb(device))}
     save_grid(fp_x[:64], os.path.join(cfg.out, "grid_fp.png"))

@@ -34,7 +34,7 @@ from common import (QuantConv2d, QuantLinear, UserError, ddim_sample, ddim_times
                     linear_alphas_cumprod, load_saved, load_strict, lp_search_range, minmax_range,
                     parse_config, pick_device, psnr, quant_params, replace_modules, run_main, save_grid,
                     save_safetensors, seed_everything, set_quant, write_record)
-from dilatequant import check_config, fid_or_none, peak_mb, predict, print_table  # shared flags, FID, memory, ε, table
+from dilatequant import check_config, fid_or_none, held_out, peak_mb, print_table  # flags, FID, ε-MSE points, table
 from models.ddpm import AttnBlock, ResnetBlock, load_unet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -459,12 +459,7 @@ def main():
     # FP: reference samples, and held-out ε-MSE inputs from its own trajectories (not the calibration ones)
     t0 = time.time()
     fp_x = sample(fp, noise, seq, abar, cfg.eval_batch)
-    _, traj = ddim_sample(fp, noise[:64], seq, abar, trajectory=True)
-    held = dict(x=torch.cat([x for x, _, _ in traj]).to(device),
-                t=torch.cat([torch.full((len(x),), float(t)) for x, t, _ in traj]).to(device))
-    pick = torch.randperm(len(held["x"]), generator=g)[:512]
-    held = {k: v[pick] for k, v in held.items()}
-    eps_ref = predict(fp, held, cfg.eval_batch, False)
+    held, eps_ref = held_out(fp, noise, seq, abar, g, cfg.eval_batch, device)
     results = {"fp": dict(eps_mse=0.0, psnr=None, fid=fid_or_none(fp_x, cfg.ref), seconds=time.time() - t0,
                           peak_mb=peak_mb(device))}
     save_grid(fp_x[:64], os.path.join(cfg.out, "grid_fp.png"))
