@@ -271,12 +271,13 @@ def save_safetensors(tensors, path, metadata=None):
         f.write(len(h).to_bytes(8, "little") + h + b"".join(blobs))
 
 
-def load_state_dict(path):
-    """{name: tensor} from .safetensors, or .pt/.pth/.ckpt/.bin loaded as weights only."""
+def load_state_dict(path, metadata=False):
+    """{name: tensor} from .safetensors, or .pt/.pth/.ckpt/.bin loaded as weights only (metadata=True: also the
+    safetensors "__metadata__", {} for the others)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     if path.endswith(".safetensors"):
-        return read_safetensors(path)
+        return read_safetensors(path, metadata)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt or pickled-code file
@@ -284,12 +285,12 @@ def load_state_dict(path):
     sd = next((obj[k] for k in ("ema", "state_dict", "model") if k in obj), obj) if isinstance(obj, dict) else obj
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise UserError(f"{path}: holds no state dict of tensors")
-    return sd
+    return (sd, {}) if metadata else sd
 
 
 def load_saved(path, tool):
     """(state dict, config) of a quantized model that `tool`.py saved: safetensors, its config JSON in metadata[tool]."""
-    sd, meta = read_safetensors(path, True) if os.path.isfile(path) and path.endswith(".safetensors") else ({}, {})
+    sd, meta = load_state_dict(path, metadata=True)
     if tool not in meta:
         raise UserError(f"{path}: not a model saved by {tool}.py (no '{tool}' metadata); pass a .safetensors from its --out")
     return sd, json.loads(meta[tool])
@@ -357,9 +358,8 @@ def ddim_sample(eps_fn, x, seq, alphas_cumprod, eta=0.0, generator=None, before_
 @torch.no_grad()
 def eps_mse(eps_fn, x, t, step, eps_ref, batch=256):
     """ε-prediction MSE against the full-precision model: mean (ε̂(x_t, t, step) − ε_FP)² over held-out inputs."""
-    err = sum((eps_fn(x[i:i + batch], t[i:i + batch], step[i:i + batch]) - eps_ref[i:i + batch]).pow(2).sum().item()
-              for i in range(0, len(x), batch))
-    return err / eps_ref.numel()
+    return sum((eps_fn(x[i:i + batch], t[i:i + batch], step[i:i + batch]) - eps_ref[i:i + batch]).pow(2).sum().item()
+               for i in range(0, len(x), batch)) / eps_ref.numel()
 
 
 def psnr(x, ref):

@@ -159,9 +159,12 @@ def test_safetensors_round_trip_and_written_by_hand(tmp_path):
     save_safetensors({"a": tensors["a"]}, tmp_path / "q.safetensors", metadata={"edadm": json.dumps({"w_bits": 4})})
     sd, cfg = load_saved(str(tmp_path / "q.safetensors"), "edadm")
     assert cfg == {"w_bits": 4} and torch.equal(sd["a"], tensors["a"])
-    for path, tool in (("q.safetensors", "qdit"), ("x.safetensors", "edadm"), ("h.txt", "edadm")):
+    torch.save({"a": tensors["a"]}, tmp_path / "c.pt")
+    for path, tool in (("q.safetensors", "qdit"), ("x.safetensors", "edadm"), ("c.pt", "edadm")):
         with pytest.raises(UserError, match=f"not a model saved by {tool}"):
             load_saved(str(tmp_path / path), tool)
+    with pytest.raises(UserError, match="no such file"):
+        load_saved(str(tmp_path / "missing.safetensors"), "edadm")
     # truncated and garbage files are one-line errors
     (tmp_path / "t.safetensors").write_bytes((tmp_path / "x.safetensors").read_bytes()[:-3])
     for bad in ("t.safetensors", "h.txt"):
