@@ -487,6 +487,18 @@ def run_cli(*args):
     return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=300)
 
 
+def exits_2_in_process(script, main, cases, out, monkeypatch, capsys):
+    """Each (args, message) case through run_main(main) in this process: exit code 2, one line naming the
+    problem, no results.json written."""
+    for args, msg in cases:
+        monkeypatch.setattr(sys, "argv", [script, *args, "--out", str(out)])
+        with pytest.raises(SystemExit) as e:
+            common.run_main(main)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert not (out / "results.json").exists()
+
+
 def test_cli_bad_input_exit_2(tmp_path):
     whole = open(os.path.join(FIX, "ddpm_tiny_original.safetensors"), "rb").read()
     (tmp_path / "head.safetensors").write_bytes(whole[:5000])     # cut inside the JSON header
@@ -833,13 +845,7 @@ def test_edadm_bad_input_exit_2(tmp_path, monkeypatch, capsys):
              (["--calib", "100000"], "--calib"), (["--gamma", "-1"], "--gamma"),
              (["--ckpt", os.path.join(FIX, "ddpm_tiny_original.safetensors")], "does not fit"),
              (["--load", os.path.join(FIX, "ddpm_tiny_original.safetensors")], "not a model saved by edadm")]
-    for args, msg in cases:                                            # the rest in this process (no torch import each)
-        monkeypatch.setattr(sys, "argv", ["edadm.py", *args, "--out", str(tmp_path / "o")])
-        with pytest.raises(SystemExit) as e:
-            common.run_main(ed.main)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, (args, err)
-    assert not (tmp_path / "o" / "results.json").exists()
+    exits_2_in_process("edadm.py", ed.main, cases, tmp_path / "o", monkeypatch, capsys)   # the rest (no torch import each)
 
 
 # -----------------------------------------------------------------------------
@@ -1183,13 +1189,7 @@ def test_qdit_bad_input_exit_2(tmp_path, monkeypatch, capsys):
              (["--model", "dit-xl-2-256", "--ckpt", os.path.join(FIX, "dit_tiny.safetensors")], "does not fit"),
              (["--load", str(tmp_path / "none.json")], "no such file"),
              (["--load", os.path.join(FIX, "dit_tiny.safetensors")], "not a model saved by qdit")]
-    for args, msg in cases:                                            # the rest in this process (no torch import each)
-        monkeypatch.setattr(sys, "argv", ["qdit.py", *args, "--out", str(tmp_path / "o")])
-        with pytest.raises(SystemExit) as e:
-            common.run_main(qdit.main)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, (args, err)
-    assert not (tmp_path / "o" / "results.json").exists()
+    exits_2_in_process("qdit.py", qdit.main, cases, tmp_path / "o", monkeypatch, capsys)   # the rest (no torch import each)
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
