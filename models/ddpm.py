@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (UserError, ddim_sample, ddim_timesteps, fetch_checkpoint, linear_alphas_cumprod, load_state_dict,
-                    load_strict, parse_config, pick_device, run_main, save_grid, seed_everything)
+from common import (UserError, ddim_sample, ddim_timesteps, fetch_checkpoint, linear_alphas_cumprod,
+                    load_state_dict, load_strict, parse_config, pick_device, run_main, save_grid,
+                    seed_everything)
 
 # Architectures by model name; the weights come from common.CHECKPOINTS under the same name.
 CONFIGS = {
@@ -42,7 +43,8 @@ CONFIGS = {
 def timestep_embedding(t, dim):
     """Sinusoidal embedding of the (float) timestep, [B] -> [B, dim]: sin half then cos half."""
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * -(math.log(10000) / (half - 1)))
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device)
+                      * -(math.log(10000) / (half - 1)))
     args = t.float()[:, None] * freqs[None, :]                      # [B, half]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)     # [B, dim]
 
@@ -50,7 +52,8 @@ def timestep_embedding(t, dim):
 def Normalize(channels, min_group=1):
     # 32 groups as in the paper (min_group=1). The bundled narrow model keeps >= 4 channels a group:
     # at 32 channels, 32 groups is instance norm, which erases each image's mean colour.
-    return nn.GroupNorm(num_groups=min(32, channels // min_group), num_channels=channels, eps=1e-6, affine=True)
+    return nn.GroupNorm(num_groups=min(32, channels // min_group), num_channels=channels, eps=1e-6,
+                        affine=True)
 
 
 class Upsample(nn.Module):
@@ -95,7 +98,8 @@ class ResnetBlock(nn.Module):
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         if self.in_channels != self.out_channels:
             if self.split:
-                x = torch.cat([self.shortcut_h(x[:, :self.split]), self.shortcut_skip(x[:, self.split:])], dim=1)
+                x = torch.cat([self.shortcut_h(x[:, :self.split]), self.shortcut_skip(x[:, self.split:])],
+                              dim=1)
             x = self.nin_shortcut(x)
         return x + h
 
@@ -111,7 +115,8 @@ class AttnBlock(nn.Module):
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
-        self.act_q, self.act_k, self.act_v, self.act_softmax = nn.Identity(), nn.Identity(), nn.Identity(), nn.Identity()
+        self.act_q, self.act_k = nn.Identity(), nn.Identity()
+        self.act_v, self.act_softmax = nn.Identity(), nn.Identity()
 
     def forward(self, x):
         h = self.norm(x)
@@ -127,8 +132,8 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, ch, out_ch, ch_mult, num_res_blocks, attn_resolutions, dropout, in_channels, resolution,
-                 min_group=1):
+    def __init__(self, ch, out_ch, ch_mult, num_res_blocks, attn_resolutions, dropout, in_channels,
+                 resolution, min_group=1):
         super().__init__()
         self.ch, self.num_res_blocks, self.resolution = ch, num_res_blocks, resolution
         self.num_resolutions = len(ch_mult)
@@ -166,7 +171,8 @@ class UNet(nn.Module):
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             for j in range(num_res_blocks + 1):
                 skip_in = ch * (in_ch_mult[i] if j == num_res_blocks else ch_mult[i])
-                level.block.append(ResnetBlock(block_in + skip_in, block_out, temb_ch, dropout, split=block_in, min_group=min_group))
+                level.block.append(ResnetBlock(block_in + skip_in, block_out, temb_ch, dropout,
+                                               split=block_in, min_group=min_group))
                 block_in = block_out
                 if res in attn_resolutions:
                     level.attn.append(AttnBlock(block_in, min_group))
@@ -268,9 +274,10 @@ def main():
     seq = ddim_timesteps(cfg.skip, cfg.steps)
     net = load_unet(cfg.model, cfg.ckpt or None).to(device)
     g = torch.Generator(device).manual_seed(cfg.seed)
-    x = torch.randn(cfg.n, net.conv_in.in_channels, net.resolution, net.resolution, generator=g, device=device)
+    x = torch.randn(cfg.n, net.conv_in.in_channels, net.resolution, net.resolution, generator=g,
+                    device=device)
     t0 = time.time()
-    x = ddim_sample(net, x, seq, linear_alphas_cumprod(), cfg.eta, generator=g, progress=True)
+    x = ddim_sample(net, x, seq, linear_alphas_cumprod(), eta=cfg.eta, generator=g, progress=True)
     save_grid(x, cfg.out)
     print(f"{cfg.n} samples, {cfg.steps} {cfg.skip} DDIM steps in {time.time() - t0:.1f} s -> {cfg.out}")
 

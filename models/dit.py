@@ -10,8 +10,8 @@ patch embedding, attention and MLP from timm; here they are spelled out under ti
   `eps_fn` turns a DiT and labels into the ε(x_t, t) that common.ddim_sample takes, with or without it.
 - `dit-cifar10-small`: the project's bundled model, the same class in pixel space (models/train.py).
 - Identity hook points on the attention matmul inputs (act_q, act_k, act_v, act_softmax), named as in
-  models/ddpm.py. The Linears qkv, proj, fc1, fc2 (Q-DiT's quantized layers, spec §5) are quantized by
-  replacing the Linear itself (common.replace_modules + QuantLinear.from_float).
+  models/ddpm.py. The Linears qkv, proj, fc1, fc2 (the layers official Q-DiT quantizes, qdit/qBlock.py)
+  are quantized by replacing the Linear itself (common.replace_modules + QuantLinear.from_float).
 """
 import math
 
@@ -25,12 +25,13 @@ from common import UserError, fetch_checkpoint, load_state_dict, load_strict
 XL_2 = dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16)
 # Architectures by model name; the weights come from common.CHECKPOINTS under the same name.
 CONFIGS = {"dit-xl-2-256": dict(XL_2, input_size=32), "dit-xl-2-512": dict(XL_2, input_size=64),
-           # The project's bundled model (models/train.py): the same class in pixel space on 32×32 CIFAR-10, 4×4
-           # patches (64 tokens), width 128, 4 blocks, 1.29 M parameters, sized so that 256 CFG samples with DDIM-50
-           # take about a minute on 2 CPU cores. ε only (learn_sigma=False): it is trained on the ε-MSE alone and
-           # DDIM never reads the variance. Linear inputs are 128 and 512 wide: g = 16, 32, 64, 128 divide both.
-           "dit-cifar10-small": dict(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=4, num_heads=4,
-                                     num_classes=10, learn_sigma=False)}
+           # The project's bundled model (models/train.py): the same class in pixel space on 32×32
+           # CIFAR-10, 4×4 patches (64 tokens), width 128, 4 blocks, 1.29 M parameters, sized so that
+           # 256 CFG samples with DDIM-50 take about a minute on 2 CPU cores. ε only (learn_sigma=False):
+           # it is trained on the ε-MSE alone and DDIM never reads the variance. Linear inputs are 128
+           # and 512 wide: g = 16, 32, 64, 128 divide both.
+           "dit-cifar10-small": dict(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=4,
+                                     num_heads=4, num_classes=10, learn_sigma=False)}
 
 
 def DiT_XL_2(**kw):
@@ -56,7 +57,8 @@ def sincos_pos_embed(dim, grid):
     channels encode the token's column, the last dim/2 its row; each half is [sin(pos·ω), cos(pos·ω)],
     ω_k = 10000^(−k/(dim/4)). float64 like the official numpy code, stored as float32."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))      # [dim/4]
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
+                                torch.arange(grid, dtype=torch.float64),
                                 indexing="ij")                      # [grid, grid] each
 
     def embed(pos):                                                 # [grid, grid] -> [grid², dim/2]
@@ -83,7 +85,7 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with one qkv Linear (bias) and an output Linear `proj`:
     softmax(q kᵀ / √d_h) v per head. Two explicit matmuls, so that a quantizer can reach their inputs
-    through the identity hooks act_q, act_k, act_v, act_softmax (FP in Q-DiT, spec §5 and D7)."""
+    through the identity hooks act_q, act_k, act_v, act_softmax (left FP by official Q-DiT)."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -160,8 +162,10 @@ class DiT(nn.Module):
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = nn.Module()
-        self.t_embedder.mlp = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-        self.y_embedder = nn.Module()                               # one extra row for the null class if CFG-trained
+        self.t_embedder.mlp = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(),
+                                            nn.Linear(hidden_size, hidden_size))
+        # one extra row for the null class if CFG-trained
+        self.y_embedder = nn.Module()
         self.y_embedder.embedding_table = nn.Embedding(num_classes + int(class_dropout_prob > 0), hidden_size)
         # fixed, but stored in the checkpoint: a Parameter without gradient, as in the official model
         pos = sincos_pos_embed(hidden_size, input_size // patch_size)
@@ -187,12 +191,14 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(x, c))              # [B, T, p·p·2C] -> [B, 2C, H, W]
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
-        """Classifier-free guidance in one batch, the official way (spec §8.3): y = [labels; null labels];
-        only the first half of x is read, and run twice. ε = ε_u + s·(ε_c − ε_u) on output channels 0–2
-        only (the official default "for exact reproducibility"; channel 3 and the variance channels keep
-        each half's own output), and the guided ε goes into both halves."""
+        """Classifier-free guidance in one batch, the official way (DiT models.py, forward_with_cfg):
+        y = [labels; null labels]; only the first half of x is read, and run twice.
+        ε = ε_u + s·(ε_c − ε_u) on output channels 0–2 only (the official default "for exact
+        reproducibility"; channel 3 and the variance channels keep each half's own output), and the
+        guided ε goes into both halves."""
         if len(x) % 2:
-            raise ValueError(f"forward_with_cfg needs an even batch [conditional; unconditional], got {len(x)}")
+            raise ValueError("forward_with_cfg needs an even batch [conditional; unconditional], "
+                             f"got {len(x)}")
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half]), t, y)           # [B, 2C, H, W]
         eps, rest = out[:, :3], out[:, 3:]
@@ -202,14 +208,16 @@ class DiT(nn.Module):
 
 
 def eps_fn(net, y, cfg_scale=1.0):
-    """ε(x_t, t) of a DiT for common.ddim_sample, for labels y [B]: the first in_channels output channels (DDIM
-    never reads the variance channels). cfg_scale > 1 guides through forward_with_cfg on [x; x] with labels
-    [y; null] and keeps the conditional half, as DiT's sample.py does; otherwise a plain conditional forward."""
+    """ε(x_t, t) of a DiT for common.ddim_sample, for labels y [B]: the first in_channels output channels
+    (DDIM never reads the variance channels). cfg_scale > 1 guides through forward_with_cfg on [x; x] with
+    labels [y; null] and keeps the conditional half, as DiT's sample.py does; otherwise a plain conditional
+    forward."""
     C = net.in_channels
     if cfg_scale <= 1:
         return lambda x, t: net(x, t, y)[:, :C]
     y2 = torch.cat([y, torch.full_like(y, net.num_classes)])       # [2B]: labels, then the null class
-    return lambda x, t: net.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), y2, cfg_scale)[: len(x), :C]
+    return lambda x, t: net.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), y2,
+                                             cfg_scale)[: len(x), :C]
 
 
 def load_dit(model="dit-xl-2-256", ckpt=None):

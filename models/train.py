@@ -29,15 +29,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (UserError, atomic_write, ddim_sample, ddim_timesteps, linear_alphas_cumprod, parse_config,
-                    pick_device, run_main, save_grid, save_safetensors, seed_everything)
+from common import (UserError, atomic_write, ddim_sample, ddim_timesteps, linear_alphas_cumprod,
+                    parse_config, pick_device, run_main, save_grid, save_safetensors, seed_everything)
 from models import ddpm, dit
 
 
 @dataclass
 class Config:
     """Train a bundled diffusion model (UNet or DiT) on CIFAR-10-format images (see the module docstring)."""
-    data: str = "../shared/assets/cifar10-fragment.npz"  # .npz with train_images/arr_0, or a cifar-10-batches-py folder
+    data: str = (  # .npz with train_images/arr_0, or a cifar-10-batches-py folder
+        "../shared/assets/cifar10-fragment.npz")
     model: str = "ddpm-cifar10-small"    # architecture, a key of models.ddpm.CONFIGS or dit-cifar10-small
     steps: int = 20000                   # optimizer steps in total (a resumed run continues up to this)
     batch: int = 64                      # images per step
@@ -51,14 +52,15 @@ class Config:
     device: str = "auto"                 # auto, cpu or cuda
     workdir: str = "runs/train"          # resumable state and sample grids
     out: str = "models/ddpm_cifar10_small.safetensors"  # the exported EMA weights (fp16)
-    init: str = ""                       # warm start: net and EMA from exported weights, fresh Adam (a saved state wins)
-    class_dropout: float = 0.1           # DiT: probability that a label is replaced by the null class (DiT: 0.1)
+    init: str = ""  # warm start: net and EMA from exported weights, fresh Adam (a saved state wins)
+    class_dropout: float = 0.1  # DiT: probability that a label is replaced by the null class (DiT: 0.1)
 
 
 # The UNet keeps the defaults above. The DiT: Adam 3e-4 (DiT: AdamW 1e-4 at batch 256 and 33 M+ parameters),
 # its own output file and workdir. Flags given on the command line win.
 PRESETS = {**{m: {} for m in ddpm.CONFIGS},
-           "dit-cifar10-small": dict(lr=3e-4, out="models/dit_cifar10_small.safetensors", workdir="runs/train_dit")}
+           "dit-cifar10-small": dict(lr=3e-4, out="models/dit_cifar10_small.safetensors",
+                                     workdir="runs/train_dit")}
 
 
 def load_images(path, labels=False):
@@ -68,7 +70,8 @@ def load_images(path, labels=False):
         if not all(os.path.isfile(f) for f in files):
             raise UserError(f"{path}: expected data_batch_1..5 of cifar-10-batches-py")
         batches = [pickle.load(open(f, "rb"), encoding="bytes") for f in files]
-        x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # R, G, B planes
+        # R, G, B planes
+        x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         return (x, np.concatenate([b[b"labels"] for b in batches]).astype(np.int64)) if labels else x
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file or folder; pass --data")
@@ -87,13 +90,17 @@ def dit_init(net):
     final Linear, so that each block starts as the identity (adaLN-Zero, DiT §3.2)."""
     for m in net.modules():
         if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
     nn.init.xavier_uniform_(net.x_embedder.proj.weight.view(net.x_embedder.proj.weight.shape[0], -1))
     nn.init.zeros_(net.x_embedder.proj.bias)
     nn.init.normal_(net.y_embedder.embedding_table.weight, std=0.02)
-    nn.init.normal_(net.t_embedder.mlp[0].weight, std=0.02), nn.init.normal_(net.t_embedder.mlp[2].weight, std=0.02)
-    for m in [b.adaLN_modulation[-1] for b in net.blocks] + [net.final_layer.adaLN_modulation[-1], net.final_layer.linear]:
-        nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
+    nn.init.normal_(net.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(net.t_embedder.mlp[2].weight, std=0.02)
+    for m in ([b.adaLN_modulation[-1] for b in net.blocks]
+              + [net.final_layer.adaLN_modulation[-1], net.final_layer.linear]):
+        nn.init.zeros_(m.weight)
+        nn.init.zeros_(m.bias)
     return net
 
 
@@ -119,17 +126,22 @@ def main():
     state_path, step = os.path.join(cfg.workdir, "state.pt"), 0
     if os.path.isfile(state_path):
         s = torch.load(state_path, map_location=device, weights_only=True)
-        net.load_state_dict(s["net"]), ema.load_state_dict(s["ema"]), opt.load_state_dict(s["opt"])
+        net.load_state_dict(s["net"])
+        ema.load_state_dict(s["ema"])
+        opt.load_state_dict(s["opt"])
         gen.set_state(s["gen"])
         step = s["step"]
         print(f"resumed from {state_path} at step {step}")
     elif cfg.init:
-        sd = (dit.load_dit if is_dit else ddpm.load_unet)(cfg.model, cfg.init).state_dict()  # the strict loaders
-        net.load_state_dict(sd), ema.load_state_dict(sd)
+        # the strict loaders
+        sd = (dit.load_dit if is_dit else ddpm.load_unet)(cfg.model, cfg.init).state_dict()
+        net.load_state_dict(sd)
+        ema.load_state_dict(sd)
         print(f"warm start from {cfg.init}")
-    if not cfg.init and cfg.ema ** (cfg.steps - step) > 0.01:                # a lesson of the GPU run (README)
-        print(f"warning: EMA {cfg.ema} over {cfg.steps - step} steps keeps {cfg.ema ** (cfg.steps - step):.0%} "
-              f"of the random initial weights; lower --ema or raise --steps")
+    if not cfg.init and cfg.ema ** (cfg.steps - step) > 0.01:    # a lesson of the GPU run (README)
+        print(f"warning: EMA {cfg.ema} over {cfg.steps - step} steps keeps "
+              f"{cfg.ema ** (cfg.steps - step):.0%} of the random initial weights; "
+              f"lower --ema or raise --steps")
     print(f"{cfg.model}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, "
           f"{len(images)} images, {cfg.steps - step} steps of {cfg.batch} on {device}")
 
@@ -144,9 +156,12 @@ def main():
         eps = torch.randn(x0.shape, generator=gen).to(device)
         a = abar[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        if is_dit:  # label dropout: the null class n_cls trains the unconditional ε of classifier-free guidance
-            y = torch.where(torch.rand(cfg.batch, generator=gen) < cfg.class_dropout, n_cls, labels[idx]).to(device)
-            loss = F.mse_loss(net(x_t, t.float(), y)[:, :3], eps)  # ε channels (learn_sigma would add the variance)
+        # label dropout: the null class n_cls trains the unconditional ε of classifier-free guidance
+        if is_dit:
+            drop = torch.rand(cfg.batch, generator=gen) < cfg.class_dropout
+            y = torch.where(drop, n_cls, labels[idx]).to(device)
+            # ε channels (learn_sigma would add the variance)
+            loss = F.mse_loss(net(x_t, t.float(), y)[:, :3], eps)
         else:
             loss = F.mse_loss(net(x_t, t.float()), eps)
         for group in opt.param_groups:
@@ -165,14 +180,16 @@ def main():
             with atomic_write(state_path) as f:
                 torch.save(dict(net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                                 gen=gen.get_state(), step=done), f)
-            save_safetensors({k: v if k == "pos_embed" else v.half() for k, v in ema.state_dict().items()}, cfg.out,
-                             metadata=dict(asdict(cfg), step=done, model=cfg.model))  # DiT's sin-cos table stays fp32
+            # DiT's sin-cos table stays fp32
+            save_safetensors({k: v if k == "pos_embed" else v.half() for k, v in ema.state_dict().items()},
+                             cfg.out, metadata=dict(asdict(cfg), step=done, model=cfg.model))
         if done % cfg.sample_every == 0 or done == cfg.steps:
             g = torch.Generator(device).manual_seed(0)
             x = torch.randn(64, 3, 32, 32, generator=g, device=device)
             if is_dit:  # DiT's respacing, 6-7 images a class, CFG 1.5 (Q-DiT's setting)
                 y = torch.arange(64, device=device) % n_cls
-                x = ddim_sample(dit.eps_fn(ema, y, 1.5), x, ddim_timesteps("even", 50), linear_alphas_cumprod())
+                x = ddim_sample(dit.eps_fn(ema, y, 1.5), x, ddim_timesteps("even", 50),
+                                linear_alphas_cumprod())
             else:
                 x = ddim_sample(ema, x, ddim_timesteps("quad", 50), linear_alphas_cumprod(), generator=g)
             save_grid(x, os.path.join(cfg.workdir, f"samples_{done:06d}.png"))

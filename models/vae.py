@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from common import UserError, fetch_checkpoint, load_state_dict, load_strict
 
 SCALE = 0.18215  # latents were multiplied by this for training the diffusion model; decode divides it out
-# The SD VAE (both fine-tuned decoders): 4 levels, 3 ResNet blocks a level on the way up, 49.5 M decoder parameters.
+# The SD VAE (both fine-tuned decoders): 4 levels, 3 ResNet blocks a level on the way up,
+# 49.5 M decoder parameters.
 SD = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
           out_channels=3)
 CONFIGS = {"sd-vae-ft-mse": SD, "sd-vae-ft-ema": SD}  # weights: common.CHECKPOINTS under the same name
@@ -36,7 +37,8 @@ class ResnetBlock2D(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = Normalize(out_channels, groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.conv_shortcut = (nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels
+                              else nn.Identity())
 
     def forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -114,7 +116,8 @@ class VAEDecoder(nn.Module):
     def __init__(self, block_out_channels, layers_per_block, norm_num_groups, latent_channels, out_channels):
         super().__init__()
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
-        self.decoder = Decoder(block_out_channels, layers_per_block, norm_num_groups, latent_channels, out_channels)
+        self.decoder = Decoder(block_out_channels, layers_per_block, norm_num_groups, latent_channels,
+                               out_channels)
 
     def decode(self, z):
         """Diffusion latents z [B, 4, h, w] -> images [B, 3, 8h, 8w] in about [-1, 1], not clamped:
