@@ -474,6 +474,15 @@ def check_bits(**bits):
             raise UserError(f"--{name.replace('_', '-')} = {b}: bits must be within 2..8")
 
 
+def resolve_bits(bits, w_bits, a_bits):
+    """(weight bits, activation bits): --w-bits / --a-bits where given (non-zero), else --bits; each
+    checked by check_bits under the name of the flag that set it."""
+    w_flag, a_flag = "w_bits" if w_bits else "bits", "a_bits" if a_bits else "bits"
+    check_bits(**{w_flag: w_bits or bits})
+    check_bits(**{a_flag: a_bits or bits})
+    return w_bits or bits, a_bits or bits
+
+
 def parse_list(text, choices, flag):
     """A comma-separated flag value as a list, each item one of `choices`."""
     items = [a for a in text.split(",") if a]

@@ -58,8 +58,8 @@ from tqdm import tqdm
 from common import (QuantConv2d, QuantLinear, Quantizer, UserError, check_bits, ddim_sample, ddim_timesteps,
                     fake_quant, fid_or_none, held_out, linear_alphas_cumprod, load_saved, load_strict,
                     lp_search_range, minmax_range, parse_config, parse_list, peak_mb, pick_device, predict,
-                    print_table, psnr, replace_modules, round_ste, run_main, save_grid, save_panels,
-                    save_safetensors, seed_everything, set_quant, write_record)
+                    print_table, psnr, replace_modules, resolve_bits, round_ste, run_main, save_grid,
+                    save_panels, save_safetensors, seed_everything, set_quant, write_record)
 from models.ddpm import AttnBlock, Downsample, ResnetBlock, Upsample, load_unet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -521,9 +521,8 @@ ABLATIONS = {"wd": "no_wd", "tpq": "no_tpq", "bkd": "no_bkd"}        # --ablate 
 
 def check_config(cfg):
     """(weight bits, activation bits, [variant names]) from the flags, or a UserError naming the flag."""
-    w_bits, a_bits = cfg.w_bits or cfg.bits, cfg.a_bits or cfg.bits
-    w_flag, a_flag = "w_bits" if cfg.w_bits else "bits", "a_bits" if cfg.a_bits else "bits"   # who set it
-    check_bits(**{w_flag: w_bits, a_flag: a_bits, "sm_bits": cfg.sm_bits})
+    w_bits, a_bits = resolve_bits(cfg.bits, cfg.w_bits, cfg.a_bits)
+    check_bits(sm_bits=cfg.sm_bits)
     ablate = parse_list(cfg.ablate, ABLATIONS, "--ablate")
     if not 2 <= cfg.steps <= 1000:
         raise UserError(f"--steps {cfg.steps}: the quad DDIM sequence needs 2..1000 steps")

@@ -66,8 +66,8 @@ from tqdm import tqdm
 from common import (QuantConv2d, QuantLinear, UserError, check_bits, ddim_sample, ddim_timesteps, eps_mse,
                     fake_quant, fid_or_none, held_out, linear_alphas_cumprod, load_saved, load_strict,
                     lp_search_range, minmax_range, parse_config, parse_list, peak_mb, pick_device, predict,
-                    print_table, psnr, quant_params, replace_modules, run_main, save_grid, save_panels,
-                    save_safetensors, seed_everything, set_quant, write_record)
+                    print_table, psnr, quant_params, replace_modules, resolve_bits, run_main, save_grid,
+                    save_panels, save_safetensors, seed_everything, set_quant, write_record)
 from models.ddpm import AttnBlock, ResnetBlock, load_unet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -512,11 +512,8 @@ PANELS = dict(ptq="naive PTQ", brecq="BRECQ-style", edadm="EDA-DM")   # compare.
 def check_config(cfg):
     """Checks the flags and fills in what 0 leaves open (bit widths from --bits, the official learning rates
     for the weight bits). Returns the ablations asked for."""
-    w_flag = "w_bits" if cfg.w_bits else "bits"                     # the flag that set each width
-    a_flag = "a_bits" if cfg.a_bits else "bits"
-    cfg.w_bits = cfg.w_bits or cfg.bits
-    cfg.a_bits = cfg.a_bits or cfg.bits
-    check_bits(**{w_flag: cfg.w_bits, a_flag: cfg.a_bits, "sm_bits": cfg.sm_bits})
+    cfg.w_bits, cfg.a_bits = resolve_bits(cfg.bits, cfg.w_bits, cfg.a_bits)
+    check_bits(sm_bits=cfg.sm_bits)
     ablate = parse_list(cfg.ablate, ("tdac", "fbr"), "--ablate")
     if not 2 <= cfg.steps <= 1000:
         raise UserError(f"--steps {cfg.steps}: the quad DDIM sequence needs 2..1000 steps")
