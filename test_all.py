@@ -11,10 +11,11 @@ Sections, in file order:
     4. DilateQuant (dilatequant.py)
     5. EDA-DM (edadm.py)
     6. Q-DiT (qdit.py)
+    7. LDM (models/ldm.py): parity with the official CompVis code, the checkpoint reader, strict loading
 
     python -m pytest -q test_all.py      # or: python test_all.py
 """
-import json, math, os, random, re, subprocess, sys
+import copy, json, math, os, random, re, subprocess, sys
 
 import numpy as np
 import pytest
@@ -1322,6 +1323,229 @@ def test_qdit_bad_input_exit_2(tmp_path, monkeypatch, capsys):
              (["--load", os.path.join(FIX, "dit_tiny.safetensors")], "not a model saved by qdit")]
     # the rest in this process (no torch import each)
     exits_2_in_process("qdit.py", qdit.main, cases, tmp_path / "o", monkeypatch, capsys)
+
+
+# -----------------------------------------------------------------------------
+# 7. LDM (models/ldm.py)
+# The three CompVis LDMs against the official CompVis/latent-diffusion code (fixtures/README.md, LDM section):
+# full-size names and shapes, narrow copies' outputs through the whole checkpoint layout, the restricted
+# unpickler, strict loading. The narrow weights are not stored: ldm_fill makes them from each entry's name.
+
+import collections, types, urllib.error, zipfile, zlib  # noqa: E402  (this section's own imports)
+from io import BytesIO  # noqa: E402
+from models import ldm  # noqa: E402
+
+LDM_NAMES = list(ldm.CONFIGS)
+
+
+def ldm_fill(name, shape):
+    """The fixtures' weights: U(-1, 1) from numpy's legacy RandomState (a stream numpy keeps stable) seeded by
+    crc32(name); 1-D `weight` (norms) 1 + 0.2u, `bias` 0.1u, others u·√(3/fan_in)."""
+    u = np.random.RandomState(zlib.crc32(name.encode())).random_sample(shape) * 2 - 1
+    v = (1 + 0.2 * u if len(shape) == 1 and name.endswith("weight") else 0.1 * u if name.endswith("bias") else
+         u * math.sqrt(3 / math.prod(shape[1:])))
+    return torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+
+
+def ldm_tiny(name, monkeypatch):
+    """Registers the narrow copy of `name` (model_channels 32, first-stage ch 32, 256 codes, context 64) as
+    CONFIGS[name]; returns (its LatentDiffusion state dict as the generator made it, the fixture tensors)."""
+    io, meta = read_safetensors(os.path.join(FIX, "ldm_tiny_io.safetensors"), metadata=True)
+    cfg = copy.deepcopy(ldm.CONFIGS[name])
+    cfg["unet"] = json.loads(meta[name])                            # the official config's own keys
+    cfg["first_stage"]["ddconfig"]["ch"] = 32
+    if "n_embed" in cfg["first_stage"]:
+        cfg["first_stage"]["n_embed"] = 256
+    if cfg["cond_stage"]:
+        cfg["cond_stage"]["embed_dim"] = 64
+    monkeypatch.setitem(ldm.CONFIGS, name, cfg)
+    with open(os.path.join(FIX, "ldm_tiny_ckpt_keys.json")) as f:
+        keys = json.load(f)[name]
+    unet = "model_ema.diffusion_model" if cfg["use_ema"] else "model.diffusion_model."
+    sd, total = {}, 0.0
+    for k, shape in keys:
+        if f"{name}/buffers/{k}" in io:                             # schedule, scale_factor, EMA decay
+            sd[k] = io[f"{name}/buffers/{k}"]
+        elif (k.startswith((unet, "first_stage_model.", "cond_stage_model."))
+              and not k.startswith(("first_stage_model.encoder.", "first_stage_model.quant_conv."))):
+            sd[k] = ldm_fill(k, tuple(shape))
+            total += sd[k].double().sum().item()
+        else:                                                       # unused: raw UNet of EMA models, encoder
+            sd[k] = torch.zeros(shape)
+    assert total == pytest.approx(io[f"{name}/weights_sum"].item(), rel=1e-12)  # the generator's weights
+    return sd, {k.split("/", 1)[1]: v for k, v in io.items() if k.startswith(name + "/")}
+
+
+def lightning_ckpt(path, sd, monkeypatch):
+    """torch.save a PyTorch-Lightning-1.4-style checkpoint: the callbacks' state keyed by the ModelCheckpoint
+    class itself and omegaconf hyper-parameters, the objects that make weights_only loading fail."""
+    mods = {n: types.ModuleType(n) for n in ("pytorch_lightning", "pytorch_lightning.callbacks",
+                                             "pytorch_lightning.callbacks.model_checkpoint", "omegaconf")}
+    ModelCheckpoint = type("ModelCheckpoint", (), {"__module__": mods["pytorch_lightning.callbacks."
+                                                                       "model_checkpoint"].__name__})
+    DictConfig = type("DictConfig", (), {"__module__": "omegaconf"})
+    mods["pytorch_lightning.callbacks.model_checkpoint"].ModelCheckpoint = ModelCheckpoint
+    mods["omegaconf"].DictConfig = DictConfig
+    for n, m in mods.items():
+        monkeypatch.setitem(sys.modules, n, m)
+    hparams = DictConfig()
+    hparams.content = {"linear_start": 0.0015}
+    torch.save({"epoch": 3, "global_step": 100, "pytorch-lightning_version": "1.4.2",
+                "state_dict": collections.OrderedDict(sd), "hyper_parameters": hparams,
+                "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.1), "monitor": "v"}},
+                "optimizer_states": [], "lr_schedulers": []}, path)
+    for n in mods:
+        monkeypatch.delitem(sys.modules, n)                         # reading must not need them
+
+
+def test_ldm_names_and_shapes_equal_the_official():
+    with open(os.path.join(FIX, "ldm_keys.json")) as f:
+        official = {k: [(n, tuple(s)) for n, s in v] for k, v in json.load(f).items()}
+    params = {"ldm-cin256-v2": 400_920_579, "ldm-lsun-bedroom": 274_056_163, "ldm-lsun-church": 294_966_916,
+              "vq-f4": 32_985_359, "kl-f8": 49_490_199}
+    for name, cfg in ldm.CONFIGS.items():
+        with torch.device("meta"):                                  # shapes only
+            unet, first = ldm.UNetModel(**cfg["unet"]), ldm.FirstStageDecoder(**cfg["first_stage"])
+        kind = "vq-f4" if cfg["first_stage"].get("n_embed") else "kl-f8"
+        for key, net in ((name, unet), (kind, first)):
+            assert [(k, tuple(v.shape)) for k, v in net.state_dict().items()] == official[key], key
+            assert sum(math.prod(s) for _, s in official[key]) == params[key]
+        # EMA names drop the dots (LitEma): still one per parameter
+        assert len({k.replace(".", "") for k in unet.state_dict()}) == len(official[name])
+        size = cfg["unet"]["image_size"]
+        assert cfg["latent"] == (cfg["unet"]["in_channels"], size, size)
+        assert name in ldm.LDM_CHECKPOINTS
+
+
+@pytest.mark.parametrize("name", LDM_NAMES)
+def test_ldm_parity_with_official_code(name, tmp_path, monkeypatch):
+    sd, fx = ldm_tiny(name, monkeypatch)
+    lightning_ckpt(tmp_path / "model.ckpt", sd, monkeypatch)
+    unet, first, cond, alphas_cumprod, scale_factor = ldm.load_ldm(name, str(tmp_path / "model.ckpt"))
+    with torch.no_grad():
+        context = cond(fx["y"]) if cond else None
+        eps = unet(fx["x"], fx["t"], context)                       # t = 1, 500, 999
+        image = first(fx["z"])
+    if name == "ldm-cin256-v2":                                     # y = 3, 500, 1000 (1000: unconditional)
+        assert torch.equal(context, fx["context"]) and context.shape == (3, 1, 64)
+    else:
+        assert cond is None
+    assert eps.shape == fx["eps"].shape and (eps - fx["eps"]).abs().max() <= 1e-5
+    assert image.shape == fx["image"].shape and (image - fx["image"]).abs().max() <= 1e-5
+    assert torch.equal(alphas_cumprod, fx["buffers/alphas_cumprod"])
+    assert scale_factor == (pytest.approx(0.2) if name == "ldm-lsun-church" else 1.0)   # church's buffer
+
+
+def test_ldm_hooks_sit_on_the_attention_matmuls_and_the_skip_split():
+    torch.manual_seed(0)
+    cin = ldm.UNetModel(**dict(ldm.CONFIGS["ldm-cin256-v2"]["unet"], model_channels=32,
+                               context_dim=64)).eval()
+    church = ldm.UNetModel(**dict(ldm.CONFIGS["ldm-lsun-church"]["unet"], model_channels=32)).eval()
+    seen = {}
+    hooked = {"st.attn1": cin.input_blocks[4][1].transformer_blocks[0].attn1,        # self-attention, 8×8
+              "st.attn2": cin.input_blocks[4][1].transformer_blocks[0].attn2,        # cross-attention
+              "ab": church.input_blocks[1][1]}                                       # AttentionBlock, 8 heads
+    for tag, m in hooked.items():
+        for name in ("act_q", "act_k", "act_v", "act_softmax"):
+            getattr(m, name).register_forward_hook(lambda m, i, o, key=f"{tag}.{name}":
+                                                   seen.update({key: o.shape}))
+    out = church.output_blocks[0][0]
+    out.shortcut_h.register_forward_hook(lambda m, i, o: seen.update({"h": o.shape}))
+    out.shortcut_skip.register_forward_hook(lambda m, i, o: seen.update({"skip": o.shape}))
+    with torch.no_grad():
+        cin(torch.randn(2, 3, 16, 16), torch.tensor([1, 999]), torch.randn(2, 1, 64))
+        church(torch.randn(2, 4, 16, 16), torch.tensor([1, 999]))
+    assert [seen[f"st.attn1.{n}"] for n in ("act_q", "act_k", "act_v", "act_softmax")] == \
+        [(2, 64, 64), (2, 64, 64), (2, 64, 64), (2, 64, 64)]                         # [B·heads, tokens, d]
+    assert [seen[f"st.attn2.{n}"] for n in ("act_q", "act_k", "act_v", "act_softmax")] == \
+        [(2, 64, 64), (2, 1, 64), (2, 1, 64), (2, 64, 1)]                # k, v: the one context token
+    assert [seen[f"ab.{n}"] for n in ("act_q", "act_k", "act_v", "act_softmax")] == \
+        [(16, 4, 256), (16, 4, 256), (16, 4, 256), (16, 256, 256)]       # [B·heads, d, T], [B·heads, T, T]
+    assert seen["h"] == seen["skip"] == (2, 128, 1, 1)              # cat([h, skip]) at the 1×1 bottom level
+    # every output ResBlock reads a concatenation and has the split hooks; no other ResBlock has them
+    for unet in (cin, church):
+        split = [n for n, m in unet.named_modules() if isinstance(m, ldm.ResBlock) and m.split]
+        assert split == [f"output_blocks.{i}.0" for i in range(len(unet.output_blocks))]
+
+
+def test_ldm_restricted_unpickler(tmp_path, monkeypatch):
+    x = torch.randn(4, 5)
+    sd = {"a": x, "view": x[1:], "t": x.t(), "h": torch.randn(3).half(), "i": torch.arange(3),
+          "p": torch.nn.Parameter(torch.ones(2)), "s": torch.tensor(0.5)}
+    lightning_ckpt(tmp_path / "ok.ckpt", sd, monkeypatch)
+    got = ldm.read_checkpoint(str(tmp_path / "ok.ckpt"))             # plain tensors out of a Lightning file
+    assert list(got) == list(sd)
+    assert all(torch.equal(got[k], sd[k]) and got[k].dtype == sd[k].dtype for k in sd)
+    torch.save(sd, tmp_path / "plain.pt")
+    assert all(torch.equal(ldm.read_checkpoint(str(tmp_path / "plain.pt"))[k], sd[k]) for k in sd)
+
+    class Payload:                                                   # what a malicious pickle would run
+        def __reduce__(self):
+            return os.mkdir, (str(tmp_path / "ran"),)
+    torch.save({"state_dict": sd, "payload": Payload()}, tmp_path / "code.ckpt")
+    with pytest.raises(UserError, match=r"refusing to unpickle (posix|nt)\.mkdir") as e:
+        ldm.read_checkpoint(str(tmp_path / "code.ckpt"))
+    assert "\n" not in str(e.value) and not (tmp_path / "ran").exists()
+    data = (tmp_path / "ok.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(UserError, match="not a readable torch.save zip checkpoint, or truncated"):
+        ldm.read_checkpoint(str(tmp_path / "cut.ckpt"))
+    torch.save(x, tmp_path / "tensor.pt")
+    with pytest.raises(UserError, match="holds no state dict of tensors"):
+        ldm.read_checkpoint(str(tmp_path / "tensor.pt"))
+
+
+def test_ldm_strict_loading_errors(tmp_path, monkeypatch):
+    # an LDM-8 cin256 checkpoint (models/ldm/cin256/config.yaml) given for cin256-v2, full size (meta tensors)
+    ldm8 = dict(image_size=32, in_channels=4, model_channels=256, out_channels=4, num_res_blocks=2,
+                attention_resolutions=(4, 2, 1), channel_mult=(1, 2, 4), num_head_channels=32,
+                use_spatial_transformer=True, transformer_depth=1, context_dim=512)
+    with torch.device("meta"):
+        wrong = {"model.diffusion_model." + k: v for k, v in ldm.UNetModel(**ldm8).state_dict().items()}
+    with pytest.raises(UserError, match=re.escape("['time_embed.0.weight (1024, 256) vs (768, 192)'")):
+        ldm.from_state_dict("ldm-cin256-v2", wrong, "cin.ckpt")
+    bed, _ = ldm_tiny("ldm-lsun-bedroom", monkeypatch)
+    church, _ = ldm_tiny("ldm-lsun-church", monkeypatch)
+    cases = [({k: v for k, v in bed.items() if not k.startswith("model_ema.")}, "ldm-lsun-bedroom",
+              "EMA weights missing (e.g. model_ema.diffusion_modeltime_embed0weight)"),
+             ({**bed, "alphas_cumprod": church["alphas_cumprod"]}, "ldm-lsun-bedroom",
+              "alphas_cumprod of another schedule"),
+             ({k: v for k, v in church.items() if k != "scale_factor"}, "ldm-lsun-church",
+              "no scale_factor buffer"),
+             ({k: v for k, v in church.items() if k != "first_stage_model.post_quant_conv.bias"},
+              "ldm-lsun-church", "1 missing keys ['post_quant_conv.bias']"),
+             (bed, "ldm-lsun-church", "does not fit UNetModel")]
+    for sd, name, msg in cases:
+        with pytest.raises(UserError, match=re.escape(msg)) as e:
+            ldm.from_state_dict(name, sd, "x.ckpt")
+        assert "\n" not in str(e.value)
+    for args, msg in ((("ldm-xyz",), "unknown model"), (("ldm-lsun-church", "ldm-xyz"), "neither a file nor"),
+                      (("ldm-lsun-church", str(tmp_path / "none.ckpt")), "no such file")):
+        with pytest.raises(UserError, match=msg):
+            ldm.load_ldm(*args)
+
+
+def test_ldm_download_unzips_model_ckpt_and_offline_names_the_url(tmp_path, monkeypatch):
+    monkeypatch.setattr(ldm, "CACHE", str(tmp_path / "cache"))
+    torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "model.ckpt")
+    with zipfile.ZipFile(tmp_path / "lsun.zip", "w") as z:
+        z.write(tmp_path / "model.ckpt", "model.ckpt")
+
+    class Response(BytesIO):
+        headers = {}
+    monkeypatch.setattr(ldm.urllib.request, "urlopen",
+                        lambda url, timeout: Response((tmp_path / "lsun.zip").read_bytes()))
+    path = ldm.fetch_ldm("ldm-lsun-church")
+    assert path == str(tmp_path / "cache" / "ldm-lsun-church.ckpt")
+    assert ldm.read_checkpoint(path)["w"].tolist() == [1.0, 1.0]
+    assert os.listdir(tmp_path / "cache") == [os.path.basename(path)]           # the zip is gone
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(ldm.urllib.request, "urlopen", offline)
+    url = ldm.LDM_CHECKPOINTS["ldm-lsun-bedroom"][0]
+    with pytest.raises(UserError, match=re.escape(f"fetch {url} by hand and unzip its model.ckpt")):
+        ldm.fetch_ldm("ldm-lsun-bedroom")
 
 
 if __name__ == "__main__":
