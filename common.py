@@ -1,17 +1,16 @@
 """
 Shared pieces of the three method files (dilatequant.py, edadm.py, qdit.py).
 
-- Uniform fake quantization with a straight-through estimator, per tensor / output channel /
-  input-channel group; min-max ranges, the L_p (p = 2.4) clipping search, a learnable step (LSQ).
-- QuantConv2d / QuantLinear made from a float layer with `from_float`, and `replace_modules`.
-- Checkpoints: a table of the official files, cached download with a hash check, safetensors
-  read and written by hand, strict loading with a one-line error.
-- Diffusion: DDPM's linear β schedule and DDIM (Song et al. 2021, arXiv 2010.02502) over the
-  DDIM code's "uniform"/"quad" and DiT's "even" step sequences, with the (x_t, t, step) trajectory.
-- Evaluation the method files share: held-out ε-MSE points from FP trajectories, ε-MSE, PSNR, FID
-  when the Inception is cached, peak memory.
-- Run plumbing: dataclass -> CLI, flag checks, seeding, JSON record, PNG grids side by side, the
-  results table, one-line errors with exit code 2.
+- Uniform fake quantization with a straight-through estimator, per tensor / output channel / input-channel
+  group; min-max ranges, the L_p (p = 2.4) clipping search, a learnable step (LSQ); QuantConv2d /
+  QuantLinear made from a float layer with `from_float`, `replace_modules`, first/last layer by data flow.
+- Checkpoints: a table of the official files, cached download with a hash check, safetensors read and
+  written by hand, strict loading with a one-line error.
+- Diffusion: DDPM's linear β schedule and DDIM (Song et al. 2021, arXiv 2010.02502) over the DDIM code's
+  "uniform"/"quad" and DiT's "even" step sequences, with the (x_t, t, step) trajectory.
+- Evaluation and run plumbing: held-out ε-MSE points from FP trajectories, ε-MSE, PSNR, FID when the
+  Inception is cached, peak memory; dataclass -> CLI, flag checks, seeding, JSON record, PNG grids side
+  by side, the results table, one-line errors with exit code 2.
 """
 import argparse, contextlib, dataclasses, hashlib, inspect, itertools, json, math, os, platform, random, re
 import resource, subprocess, sys, time, urllib.request
@@ -58,10 +57,9 @@ def qrange(bits, symmetric):  # the integer grid: [0, 2^b − 1] (zero point) or
 
 
 def quant_params(lo, hi, bits, symmetric=False, include_zero=True, *, eps=1e-8):
-    """(Δ, z) from a range [lo, hi] (tensors of one shape, e.g. [R, 1]). Asymmetric:
-    Δ = (hi − lo)/(2^b − 1), z = clamp(round(−lo/Δ)); include_zero first widens the range to contain 0
-    (EDA-DM, DilateQuant; Q-DiT does not, and relies on the clamp of z). Symmetric:
-    Δ = max(|lo|, |hi|)/(2^(b−1) − 1), z = 0."""
+    """(Δ, z) from a range [lo, hi] (tensors of one shape, e.g. [R, 1]). Asymmetric: Δ = (hi − lo)/(2^b − 1),
+    z = clamp(round(−lo/Δ)); include_zero first widens the range to contain 0 (EDA-DM, DilateQuant; Q-DiT
+    does not, and relies on the clamp of z). Symmetric: Δ = max(|lo|, |hi|)/(2^(b−1) − 1), z = 0."""
     qmin, qmax = qrange(bits, symmetric)
     if symmetric:
         delta = torch.maximum(lo.abs(), hi.abs()).clamp(min=eps) / qmax
@@ -76,14 +74,17 @@ def minmax_range(rows):
     return rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)  # [R, 1] each
 
 
-def lp_search_range(rows, bits, grid, p=2.4):
+def lp_search_range(rows, bits, grid, p=2.4, skew=0.0):
     """Per row, the clipped range with the least mean |x̂ − x|^p (p = 2.4: LAPQ, Nahshan et al. 2021), as
-    EDA-DM's official search: a threshold τ = α·max(|min|, max) for α in `grid` (official: i/100,
-    i = 1..100), the range [−τ, τ], or [0, τ] / [−τ, 0] for one-signed rows, quantized asymmetrically
-    with 0 in the range."""
+    EDA-DM's official search: τ = α·max(|min|, max) for α in `grid` (official: i/100, i = 1..100), the
+    range [−τ, τ], or [0, τ] / [−τ, 0] for one-signed rows, quantized with 0 in the range. skew > 0: a
+    mixed-sign row whose smaller side is below skew × its larger side (post-SiLU inputs: min −0.28,
+    max ~5) is searched as α·[min, max] instead, so that half its grid is not left unused."""
     lo0, hi0 = minmax_range(rows)                                   # [R, 1]
     A = torch.maximum(-lo0, hi0)
-    lo0, hi0 = torch.where(lo0 < 0, -A, 0.0), torch.where(hi0 > 0, A, 0.0)
+    skewed = (lo0 < 0) & (hi0 > 0) & (torch.minimum(-lo0, hi0) < skew * A)   # mixed-sign and skewed
+    lo0 = torch.where(skewed, lo0, torch.where(lo0 < 0, -A, 0.0))
+    hi0 = torch.where(skewed, hi0, torch.where(hi0 > 0, A, 0.0))
     best, best_lo, best_hi = torch.full_like(lo0, float("inf")), lo0.clone(), hi0.clone()
     for a in grid:                                                  # a loop over candidates, not rows
         lo, hi = a * lo0, a * hi0
@@ -97,8 +98,7 @@ def lp_search_range(rows, bits, grid, p=2.4):
 
 
 class Quantizer(nn.Module):
-    """A static fake quantizer with one (Δ, z) per row, set once by `set_range` (buffers); `make_learnable`
-    turns Δ into a Parameter for QAT or reconstruction."""
+    """A static fake quantizer, one (Δ, z) per row set by `set_range`; `make_learnable`: Δ a Parameter."""
 
     def __init__(self, bits, granularity="tensor", group_size=0, symmetric=False, include_zero=True):
         super().__init__()
@@ -161,8 +161,7 @@ class QuantConv2d(nn.Module):
 
 
 def replace_modules(model, predicate, make, prefix=""):
-    """Swap every submodule for which predicate(name, module) holds with make(name, module).
-    Does not descend into the modules it replaces. Returns the model."""
+    """Swap each submodule for which predicate(name, module) holds (not descending into it) for make(...)."""
     for name, child in model.named_children():
         if predicate(prefix + name, child):
             setattr(model, name, make(prefix + name, child))
@@ -175,6 +174,25 @@ def set_quant(model, weights, acts):  # switch every QuantLinear/QuantConv2d in 
     for m in model.modules():
         if isinstance(m, (QuantLinear, QuantConv2d)):
             m.quant_w, m.quant_a = weights, acts
+
+
+@torch.no_grad()
+def first_last_layers(model, x, *args):
+    """The first and last layers by data flow in one forward model(x, *args): the first Conv/Linear fed x
+    itself and the last to run (DDPM UNet: conv_in, conv_out; registration order puts temb.dense.0 first)."""
+    order, readers = [], []                             # the layers that ran, and those fed x itself
+
+    def record(name, inp):
+        order.append(name)
+        readers.extend([name] if inp is x else [])
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: record(n, a[0])) for n, m in model.named_modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        model(x, *args)
+    finally:
+        for h in hooks:
+            h.remove()
+    return readers[0], order[-1]
 
 
 # -----------------------------------------------------------------------------
@@ -253,8 +271,7 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
 
 def read_safetensors(path, metadata=False):
     """safetensors by hand: u64 little-endian header length n, n bytes of JSON {name: {dtype, shape,
-    data_offsets: [begin, end]}} (offsets into the buffer after the header). metadata=True: also
-    return the "__metadata__" dict."""
+    data_offsets: [begin, end]}} (into the buffer after the header); metadata=True: also "__metadata__"."""
     with open(path, "rb") as f:
         data = bytearray(f.read())
     n = int.from_bytes(data[:8], "little")
@@ -349,10 +366,9 @@ def linear_alphas_cumprod(T=1000, beta_start=1e-4, beta_end=0.02):
 
 
 def ddim_timesteps(kind, steps, T=1000):
-    """The ascending timesteps of an S-step sampler. "uniform": 0, T/S, 2T/S, … (ermongroup/ddim).
-    "quad": int(linspace(0, √(0.8 T), S)²) (ermongroup/ddim; the papers' CIFAR-10 setting): it ends at
-    t = 800 and repeats small t (S = 100: 96 distinct), so a step is named by its position here, never by
-    t. "even": round(k (T−1)/(S−1)), as DiT's respacing (facebookresearch/DiT, space_timesteps)."""
+    """The ascending timesteps of an S-step sampler. "uniform": 0, T/S, 2T/S, … and "quad":
+    int(linspace(0, √(0.8 T), S)²) (ermongroup/ddim; it ends at t = 800 and repeats small t: a step is named
+    by its position, never by t); "even": round(k (T−1)/(S−1)) (facebookresearch/DiT space_timesteps)."""
     if kind == "uniform":
         return list(range(0, T, T // steps))[:steps]
     if kind == "quad":
@@ -390,9 +406,8 @@ def ddim_sample(eps_fn, x, seq, alphas_cumprod, *, eta=0.0, generator=None, befo
 
 @torch.no_grad()
 def held_out(eps_fn, noise, seq, alphas_cumprod, generator, *, n=512, labels=None):
-    """The ε-MSE points: n inputs (x, t, idx[, y]) drawn at random from the DDIM trajectories that
-    eps_fn(x_t, t) samples from `noise` (labels [B]: each point keeps its trajectory's class y). The
-    method files take this noise from the sampling noise, never from the calibration noise."""
+    """The ε-MSE points: n inputs (x, t, idx[, y]) at random from the DDIM trajectories of eps_fn from
+    `noise` (the sampling noise, never the calibration noise; labels [B]: each keeps its trajectory's y)."""
     _, traj = ddim_sample(eps_fn, noise, seq, alphas_cumprod, trajectory=True)
     data = dict(x=torch.cat([x for x, _, _ in traj]),
                 t=torch.cat([torch.full((len(x),), float(t)) for x, t, _ in traj]),
@@ -405,8 +420,7 @@ def held_out(eps_fn, noise, seq, alphas_cumprod, generator, *, n=512, labels=Non
 
 @torch.no_grad()
 def predict(eps_fn, data, batch):
-    """eps_fn(chunk) over data, a dict of equal-length tensors (x, t and what the model reads besides:
-    a step index idx, a label y), `batch` rows at a time, concatenated."""
+    """eps_fn(chunk) over data, a dict of equal-length tensors (x, t, a step idx, a label y), in batches."""
     n = len(data["x"])
     return torch.cat([eps_fn({k: v[i:i + batch] for k, v in data.items()}) for i in range(0, n, batch)])
 
@@ -423,8 +437,8 @@ def psnr(x, ref):
 
 
 def fid_or_none(images, ref):
-    """FID of `images` against the reference statistics `ref` (eval_fid.py), or None with a note when
-    there is no reference or no cached Inception: a missing metric, not a failed run."""
+    """FID of `images` against the statistics `ref` (eval_fid.py), or None with a note when there is no
+    reference or no cached Inception: a missing metric, not a failed run."""
     if not ref:
         return None
     try:
@@ -445,15 +459,14 @@ def peak_mb(device):
 # -----------------------------------------------------------------------------
 # Run plumbing
 
-def parse_config(cls, presets=None, argv=None):
-    """A dataclass is the CLI: each field is a flag, its trailing `# comment` the help text.
-    presets[model] overrides field defaults for that --model; flags given override both."""
+def parse_config(cls, presets=None, argv=None, saved=None):
+    """A dataclass is the CLI: each field is a flag, its trailing `# comment` the help text. Precedence:
+    field defaults < presets[model] < `saved` (a saved model's settings: its model's preset comes with it)
+    < the flags given."""
     presets = presets or {}
     comments = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-    epilog = None
-    if presets:
-        epilog = "defaults per --model:\n" + "\n".join(f"  {m}: {v}" for m, v in presets.items())
-    p = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(), epilog=epilog,
+    epilog = "defaults per --model:\n" + "\n".join(f"  {m}: {v}" for m, v in presets.items())
+    p = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(), epilog=epilog if presets else None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
         kind = type(f.default) if f.default is not None else str
@@ -464,7 +477,11 @@ def parse_config(cls, presets=None, argv=None):
                        f"(default: {f.default})".replace("%", "%%"), **extra)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    return cls(**{**defaults, **presets.get(given.get("model", defaults.get("model")), {}), **given})
+    saved = {k: v for k, v in (saved or {}).items() if k in defaults}
+    if given.get("model", saved.get("model")) != saved.get("model", given.get("model")):
+        raise UserError(f"--model {given['model']}: the file to load holds {saved['model']}; drop --model")
+    model = given.get("model", saved.get("model", defaults.get("model")))
+    return cls(**{**defaults, **presets.get(model, {}), **saved, **given})
 
 
 def check_bits(**bits):
@@ -523,12 +540,10 @@ def write_record(path, cfg, metrics, seconds, device):
     git = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
                          capture_output=True, text=True).stdout.strip() or None
     config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
-    cpu = platform.processor() or "cpu"
-    record = dict(config=config, seed=config.get("seed"), argv=sys.argv, git_commit=git,
-                  date=time.strftime("%Y-%m-%d %H:%M:%S"), wall_seconds=round(seconds, 2),
-                  versions=dict(python=platform.python_version(), torch=torch.__version__,
-                                numpy=np.__version__),
-                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+    versions = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    record = dict(config=config, seed=config.get("seed"), argv=sys.argv, git_commit=git, versions=versions,
+                  date=time.strftime("%Y-%m-%d %H:%M:%S"), wall_seconds=round(seconds, 2), device=name,
                   threads=torch.get_num_threads(), metrics=metrics)
     with atomic_write(path, "w") as f:
         json.dump(record, f, indent=2)
@@ -551,8 +566,7 @@ def save_grid(images, path, nrow=8):
 
 
 def save_panels(panels, path, n=16, nrow=8):
-    """{title: images [N, C, H, W] in [−1, 1]} -> one PNG of the grids of their first n side by side,
-    each titled: the same noise through FP and each quantized model, for the eye."""
+    """{title: images [N, C, H, W] in [−1, 1]} -> one PNG of their first n as titled grids side by side."""
     grids = [grid_image(x[:n], nrow).convert("RGB") for x in panels.values()]
     w, h, gap, top = grids[0].width, grids[0].height, 8, 14
     out = Image.new("RGB", (len(grids) * (w + gap) - gap, h + top), "white")
@@ -565,8 +579,7 @@ def save_panels(panels, path, n=16, nrow=8):
 
 
 def print_table(results, label="variant"):
-    """The results table: one row per variant (rows without eps_mse, e.g. a search log, are skipped);
-    a "mean g" column when a variant has one (Q-DiT)."""
+    """One row per variant with an eps_mse (a search log is skipped); a "mean g" column for Q-DiT."""
     rows = {k: r for k, r in results.items() if "eps_mse" in r}
     show_g = any(r.get("mean_g") is not None for r in rows.values())
     print(f"\n{label:14s}" + (f" {'mean g':>7s}" if show_g else "")

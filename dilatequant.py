@@ -12,8 +12,9 @@ BienLuky/EDA-DM). Three parts, in the order of the paper and of this file:
     the TPQ tables.
 
 One run compares, on the same calibration data and sampling noise: FP, naive min-max PTQ (the floor),
-DilateQuant and the ablations asked for (Table 3). It prints a table and writes results.json, a grid per
-variant, compare.png (FP | naive PTQ | DilateQuant) and each quantized model (sample it again with --load).
+DilateQuant, and the ablations of Table 3 asked for (default: no_bkd, WD and TPQ without training). It
+prints a table and writes results.json, a grid per variant, compare.png (FP | naive PTQ | DilateQuant) and
+each quantized model with the settings it needs (sample it again with --load).
 
     python dilatequant.py --bits 4                          # bundled model, quick preset (2-core CPU)
     python dilatequant.py --bits 4 --ablate wd,tpq,bkd      # + Table 3's ablations
@@ -21,18 +22,24 @@ variant, compare.png (FP | naive PTQ | DilateQuant) and each quantized model (sa
     python dilatequant.py --load runs/dilatequant/dilatequant.safetensors   # sample a saved model again
 
 Expected result of `python dilatequant.py --bits 4` (bundled 1.1 M-parameter CIFAR-10 UNet, DDIM-20, 2-core
-CPU, ~485 s; N = 256 samples, FID against the bundled fragment statistics, FP FID 136.8):
-    naive PTQ W4A4:    ε-MSE 0.2791, PSNR vs FP 14.93 dB, FID 340.5
-    DilateQuant W4A4:  ε-MSE 0.1065, PSNR vs FP 17.22 dB, FID 315.8
+CPU, ~465 s; N = 256 samples, FID against the bundled fragment statistics, FP FID 136.8):
+    naive PTQ W4A4:    ε-MSE 0.1028, PSNR vs FP 15.05 dB, FID 298.8
+    no BKD W4A4:       ε-MSE 0.0435, PSNR vs FP 13.52 dB, FID 227.0
+    DilateQuant W4A4:  ε-MSE 0.0362, PSNR vs FP 21.05 dB, FID 162.8
 (The paper: DDPM CIFAR-10 W4A4 FID 9.13 with DDIM-100 on the 35.7 M model, 1.08 h on one RTX A6000.)
 
 Where this differs from the paper or the official code:
 - weights trained at Adam LR 1e-5, not the paper's 1e-2 (destructive on raw weights): --lr-w
 - ε̂ divided by its per-step correlated scale k_t (PTQD, He et al. NeurIPS 2023), not in the paper; on by
   default, without it MSE-distilled W4A4 models sample noise: --no-eps-correct
-- 8-bit first/last weight quantizers in registration order (temb.dense.0, conv_out), conv_out's input in FP,
-  the last up.0 layer's input at 8 bit, as EDA-DM's qdiff/quant_model.py (set_first_last_layer_to_8bit,
-  disable_network_output_quantization): --first-last-8bit
+- the paper's "first and last layers at 8 bit" are the layers that read x_t and write ε (conv_in,
+  conv_out), found by data flow, at W8A8. The official code (EDA-DM's qdiff/quant_model.py) takes the first
+  and last weight quantizers in registration order (temb.dense.0, conv_out), so x_t is read at 4 bit,
+  leaves conv_out's input FP and puts a_list[-2] at 8 bit: --first-last official
+- TPQ rows of skewed mixed-sign inputs (smaller side < half the larger, e.g. post-SiLU) start from an
+  asymmetric α·[min, max] search; EDA-DM's search is symmetric for any mixed-sign input: --act-range symmetric
+- zero points z_x^t train at Adam LR 1e-2 (they count grid steps: at the paper's 1e-4 they move at most
+  half a step in 5K iterations): --lr-z 1e-4
 - shortcut split (Q-Diffusion, EDA-DM): one TPQ per half of cat([h, skip]) but one weight quantizer over
   both halves (EDA-DM has two), so WD's range guarantee holds: --split
 - softmax-probability input of attention at 8 bit, EDA-DM's sm_abit: --sm-bits
@@ -56,10 +63,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (QuantConv2d, QuantLinear, Quantizer, UserError, check_bits, ddim_sample, ddim_timesteps,
-                    fake_quant, fid_or_none, held_out, linear_alphas_cumprod, load_saved, load_strict,
-                    lp_search_range, minmax_range, parse_config, parse_list, peak_mb, pick_device, predict,
-                    print_table, psnr, replace_modules, resolve_bits, round_ste, run_main, save_grid,
-                    save_panels, save_safetensors, seed_everything, set_quant, write_record)
+                    fake_quant, fid_or_none, first_last_layers, held_out, linear_alphas_cumprod, load_saved,
+                    load_strict, lp_search_range, minmax_range, parse_config, parse_list, peak_mb,
+                    pick_device, predict, print_table, psnr, replace_modules, resolve_bits, round_ste,
+                    run_main, save_grid, save_panels, save_safetensors, seed_everything, set_quant,
+                    write_record)
 from models.ddpm import AttnBlock, Downsample, ResnetBlock, Upsample, load_unet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -77,17 +85,19 @@ class Config:
     w_bits: int = 0                # weight bits, overrides --bits (0: use --bits)
     a_bits: int = 0                # activation bits, overrides --bits (0: use --bits)
     sm_bits: int = 8               # bits of attention's softmax-probability input (EDA-DM's sm_abit: 8)
-    first_last_8bit: bool = True   # EDA-DM: 8-bit temb.dense.0 / conv_out weights, FP conv_out input
+    first_last: str = "position"   # W8A8 first/last layers: position (conv_in, conv_out), official or none
+    act_range: str = "skewed"      # TPQ start: skewed (asymmetric for skewed inputs) or symmetric (official)
     split: bool = True             # shortcut split: two TPQ tables for cat([h, skip]) of up-path shortcuts
     steps: int = 100               # DDIM steps, quad sequence, eta 0 (EDA-DM's CIFAR-10 setting) = TPQ rows T
     calib: int = 5120              # calibration samples (x_t, t, step), random over FP trajectories (paper)
     calib_traj: int = 256          # FP trajectories the calibration samples are drawn from
     iters: int = 5000              # BKD iterations per block (paper: 5K; per block as in EDA-DM)
     batch: int = 32                # BKD batch size (paper: 32)
-    lr_q: float = 1e-4             # Adam LR of Δ_w, Δ_x^t, z_x^t (paper: 1e-4)
+    lr_q: float = 1e-4             # Adam LR of Δ_w and Δ_x^t (paper: 1e-4 for Δ and z)
+    lr_z: float = 1e-2             # Adam LR of the zero points z_x^t, in grid steps (paper: 1e-4)
     lr_w: float = 1e-5             # Adam LR of the weights (paper: 1e-2, destructive on raw weights)
     eps_correct: bool = True       # divide ε̂ by its per-step correlated scale k_t (PTQD; not in the paper)
-    ablate: str = ""               # extra variants, comma-separated: wd (no WD), tpq (one row), bkd (no BKD)
+    ablate: str = "bkd"            # extra variants, comma-separated: wd (no WD), tpq (one row), bkd (no BKD)
     n: int = 50000                 # samples per variant for FID / PSNR / the grid (paper: 50k)
     eval_batch: int = 500          # images per forward without gradients (sampling, caching, scoring)
     ref: str = ""                  # FID reference statistics .npz (eval_fid.py --save-stats); empty: no FID
@@ -234,24 +244,39 @@ def switch(model, on):
 # The quantized model: every conv/linear (per-out-channel weights, TPQ inputs) and the attention
 # matmul inputs; norms, SiLU, softmax itself, residuals and resampling stay FP.
 
-def quantize(fp, *, w_bits, a_bits, sm_bits, T, wd=True, split=True, first_last_8bit=True, steps=None):
+def special_layers(q, rule):
+    """(layers with 8-bit weights, with 8-bit inputs, with FP inputs) of the first/last-layer `rule`.
+    "position", the papers' "first and last layers at 8 bit": the layer that reads x_t (conv_in) and the
+    one that writes ε (conv_out), found by data flow (common.first_last_layers), at W8A8. "official":
+    BienLuky/EDA-DM qdiff/quant_model.py (set_first_last_layer_to_8bit, disable_network_output_quantization)
+    in registration order: 8-bit weights of the first and last layers (temb.dense.0, conv_out, so x_t is
+    read at the low bit width), conv_out's input FP, the second-to-last layer's input (a_list[-2]) at
+    8 bit. "none": all at the requested bits."""
+    names = [n for n, m in q.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if rule == "official":
+        return {names[0], names[-1]}, {names[-2]}, {names[-1]}
+    if rule == "none":
+        return set(), set(), set()
+    device = next(q.parameters()).device
+    x = torch.zeros(1, 3, q.resolution, q.resolution, device=device)
+    ends = set(first_last_layers(q, x, torch.zeros(1, device=device)))
+    return ends, ends, set()
+
+
+def quantize(fp, *, w_bits, a_bits, sm_bits, T, wd=True, split=True, first_last="position", steps=None):
     """A copy of `fp` with fake quantizers. Per layer: s from the FP weights (when wd), W <- W·s, then
     the weight range, which WD leaves as it was; TPQ ranges come later, from X/s (init_tpq). T: TPQ rows
-    (1 or the sampler's steps); steps: the sampler's steps, one ε-scale correction k_t each (default T)."""
+    (1 or the sampler's steps); steps: the sampler's steps, one ε-scale correction k_t each (default T);
+    first_last: which layers stay at 8 bit (special_layers)."""
     q = copy.deepcopy(fp)
-    names = [n for n, m in q.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     splits = {f"{n}.nin_shortcut": m.split for n, m in q.named_modules()
               if isinstance(m, ResnetBlock) and m.split}
-    # EDA-DM (qdiff/quant_model.py): the first and last weight quantizers in registration order
-    # (temb.dense.0, conv_out) at 8 bit, conv_out's input in FP, and the input of the last layer of up[0]
-    # (the last to run before conv_out) at 8 bit.
-    first, last = names[0], names[-1]
-    last_act = ([n for n in names if n.startswith("up.0.")] or [None])[-1]
+    w8, a8, a_fp = special_layers(q, first_last)
 
     def make(name, layer):
-        aq = None                                                    # no input quantizer: conv_out's input
-        if not (first_last_8bit and name == last):
-            ab = 8 if first_last_8bit and name == last_act else a_bits
+        aq = None                                                    # no input quantizer: FP input
+        if name not in a_fp:
+            ab = 8 if name in a8 else a_bits
             aq = SplitTPQ(ab, T, splits[name]) if split and name in splits else TPQ(ab, T)
         W = layer.weight.data                                        # [C_out, C_in, ...]
         if wd and aq is not None:                                    # Eqs. 10-12 (a layer fed FP keeps W)
@@ -259,8 +284,7 @@ def quantize(fp, *, w_bits, a_bits, sm_bits, T, wd=True, split=True, first_last_
         else:
             s = torch.ones(W.shape[1], device=W.device)
         layer.weight.data = dilate(W, s)                             # W <- W·s
-        wq = Quantizer(8 if first_last_8bit and name in (first, last) else w_bits, "channel",
-                       include_zero=True)
+        wq = Quantizer(8 if name in w8 else w_bits, "channel", include_zero=True)
         wq.set_range(*minmax_range(wq.rows(layer.weight.data)))      # min-max per out channel: Δ_w as pre-WD
         wrap = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
         return Dilated(wrap.from_float(layer, wq.make_learnable(), aq), s)
@@ -274,23 +298,28 @@ def quantize(fp, *, w_bits, a_bits, sm_bits, T, wd=True, split=True, first_last_
     return q.to(next(fp.parameters()).device)                        # the new Δ, z tables join fp's device
 
 
-def row_range(bits, seen, search):
+SKEW = 0.5  # a mixed-sign input whose smaller side is below half its larger side gets an asymmetric range
+
+
+def row_range(bits, seen, search, skew=SKEW):
     """One TPQ row's range from what it saw, [(min, max, subsample), ...]: min-max, or EDA-DM's L_p-2.4
-    search (qdiff/quant_layer.py, perform_1D_search) over the extremes plus the subsamples."""
+    search (qdiff/quant_layer.py, perform_1D_search) over the extremes plus the subsamples. EDA-DM searches
+    a symmetric [−τ, τ] for any mixed-sign input, which leaves half of the grid unused on post-SiLU
+    inputs (min −0.28, max ~5); skew > 0 searches those as α·[min, max] (skew = 0: the official search)."""
     lo, hi = min(s[0] for s in seen).item(), max(s[1] for s in seen).item()
     if not search:
         return lo, hi
     v = torch.cat([seen[0][2].new_tensor([lo, hi])] + [s[2] for s in seen])
-    lo, hi = lp_search_range(v[None], bits, [i / 100 for i in range(1, 101)])
+    lo, hi = lp_search_range(v[None], bits, [i / 100 for i in range(1, 101)], skew=skew)
     return lo.item(), hi.item()
 
 
 @torch.no_grad()
-def init_tpq(q, calib, T, search=True, batch=256):
+def init_tpq(q, calib, T, search=True, batch=256, skew=SKEW):
     """Every TPQ row t from the calibration activations of step t, after WD (the paper does not say how
-    rows start): L_p-2.4 search, or min-max with search=False. With T = 1 one row sees all steps. Rows
-    no calibration sample reached take the all-step range. Pre-hooks on the TPQs record, per batch, each
-    input's min, max and 4096 random entries (global RNG, in call order); they are removed at the end."""
+    rows start): L_p-2.4 search (row_range, skew), or min-max with search=False. With T = 1 one row sees all
+    steps. Rows no calibration sample reached take the all-step range. Pre-hooks on the TPQs record, per
+    batch, each input's min, max and 4096 random entries (global RNG, in call order), removed at the end."""
     tpqs = [m for m in q.modules() if isinstance(m, TPQ)]
     seen = {m: [] for m in tpqs}
 
@@ -313,7 +342,7 @@ def init_tpq(q, calib, T, search=True, batch=256):
             seen[m] = []
         for b in sel.split(batch):
             q(calib["x"][b], calib["t"][b])
-        ranges.append([row_range(m.bits, seen[m], search) for m in tpqs])
+        ranges.append([row_range(m.bits, seen[m], search, skew) for m in tpqs])
     for h in hooks:
         h.remove()
     for t in range(T):
@@ -388,16 +417,20 @@ def block_io(model, block, calib, batch, want_output):
     return [torch.cat(a) for a in zip(*ins)], (torch.cat(outs) if want_output else None)
 
 
-def distill_block(block, q_in, target, t_idx, *, iters, batch, lr_w, lr_q, generator):
-    """Eq. 15 for one block: Adam on its weights w (lr_w) and its Δ_w, Δ_x^t, z_x^t (lr_q), both LRs
+def distill_block(block, q_in, target, t_idx, *, iters, batch, lr_w, lr_q, lr_z, generator):
+    """Eq. 15 for one block: Adam on its weights w (lr_w), its Δ_w, Δ_x^t (lr_q) and z_x^t (lr_z), the LRs
     annealed to 0 by a cosine (as EDA-DM's block_reconstruction). Each mini-batch of cached inputs brings
-    its own step indices, so the TPQ rows of all steps in it train together. Returns the first and last
-    mini-batch losses."""
+    its own step indices, so the TPQ rows of all steps in it train together. z is counted in grid steps
+    and Adam moves a parameter by about its LR per step: at the paper's 1e-4 for both, z moves at most
+    0.5 of a grid step in 5000 iterations and its rounded value never changes; lr_z = 1e-2 lets it move
+    a grid step in ~100. Returns the first and last mini-batch losses."""
     layers = [m.layer for m in block.modules() if isinstance(m, Dilated)]
     weights = [m.weight.requires_grad_(True) for m in layers]
     tpqs = [m for m in block.modules() if isinstance(m, TPQ)]
-    qparams = [m.wq.delta for m in layers] + [p for m in tpqs for p in (m.delta, m.zero)]
-    opt = torch.optim.Adam([dict(params=weights, lr=lr_w), dict(params=qparams, lr=lr_q)])
+    deltas = [m.wq.delta for m in layers] + [m.delta for m in tpqs]
+    zeros = [m.zero for m in tpqs]
+    opt = torch.optim.Adam([dict(params=weights, lr=lr_w), dict(params=deltas, lr=lr_q),
+                            dict(params=zeros, lr=lr_z)])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0)
     losses = []
     for _ in range(iters):
@@ -414,7 +447,7 @@ def distill_block(block, q_in, target, t_idx, *, iters, batch, lr_w, lr_q, gener
             elif isinstance(m, Quantizer):
                 m.delta.data.clamp_(min=1e-8)
         losses.append(loss.item())
-    for p in weights + qparams:
+    for p in weights + deltas + zeros:
         p.requires_grad_(False)                                      # frozen from here on
     return (losses[0], losses[-1]) if losses else (None, None)
 
@@ -429,7 +462,8 @@ def bkd(fp, q, calib, cfg, generator):
         _, target = block_io(fp, fp_mods[name], calib, cfg.eval_batch, want_output=True)   # FP block output
         q_in, _ = block_io(q, q_mods[name], calib, cfg.eval_batch, want_output=False)      # quantized prefix
         first, last = distill_block(q_mods[name], q_in, target, calib["idx"], iters=cfg.iters,
-                                    batch=cfg.batch, lr_w=cfg.lr_w, lr_q=cfg.lr_q, generator=generator)
+                                    batch=cfg.batch, lr_w=cfg.lr_w, lr_q=cfg.lr_q, lr_z=cfg.lr_z,
+                                    generator=generator)
         log.append(dict(block=name, loss_first=first, loss_last=last))
     return log
 
@@ -524,6 +558,9 @@ def check_config(cfg):
     w_bits, a_bits = resolve_bits(cfg.bits, cfg.w_bits, cfg.a_bits)
     check_bits(sm_bits=cfg.sm_bits)
     ablate = parse_list(cfg.ablate, ABLATIONS, "--ablate")
+    if cfg.first_last not in ("position", "official", "none") or cfg.act_range not in ("skewed", "symmetric"):
+        raise UserError(f"--first-last {cfg.first_last!r} / --act-range {cfg.act_range!r}: choose position, "
+                        "official or none / skewed or symmetric")
     if not 2 <= cfg.steps <= 1000:
         raise UserError(f"--steps {cfg.steps}: the quad DDIM sequence needs 2..1000 steps")
     if not cfg.batch <= cfg.calib <= cfg.calib_traj * cfg.steps:
@@ -537,8 +574,9 @@ def train_variant(fp, v, *, cfg, w_bits, a_bits, calib, calib_eps, generator):
     initialise the TPQ rows, distil block by block (when v["bkd"]), then measure k_t. Returns (q, BKD log)."""
     T = cfg.steps if v["tpq"] else 1
     q = quantize(fp, w_bits=w_bits, a_bits=a_bits, sm_bits=cfg.sm_bits, T=T, wd=v["wd"], split=cfg.split,
-                 first_last_8bit=cfg.first_last_8bit, steps=cfg.steps)
-    init_tpq(q, calib, T, search=v["search"], batch=cfg.eval_batch)
+                 first_last=cfg.first_last, steps=cfg.steps)
+    skew = SKEW if cfg.act_range == "skewed" else 0.0
+    init_tpq(q, calib, T, search=v["search"], batch=cfg.eval_batch, skew=skew)
     log = bkd(fp, q, calib, cfg, generator) if v["bkd"] else None
     switch(q, True)
     if cfg.eps_correct:
@@ -547,32 +585,38 @@ def train_variant(fp, v, *, cfg, w_bits, a_bits, calib, calib_eps, generator):
 
 
 def load_variant(fp, state, saved, cfg):
-    """A quantized model saved by this file (state dict, its config `saved`), no training."""
+    """A quantized model saved by this file (state dict, its config `saved`, already in cfg), no training."""
     T = cfg.steps if saved["tpq"] else 1
     q = quantize(fp, w_bits=saved["w_bits"], a_bits=saved["a_bits"], sm_bits=cfg.sm_bits, T=T, wd=saved["wd"],
-                 split=cfg.split, first_last_8bit=cfg.first_last_8bit, steps=cfg.steps)
+                 split=cfg.split, first_last=cfg.first_last, steps=cfg.steps)
     device = next(fp.parameters()).device
     return load_strict(q, {k: v.to(device) for k, v in state.items()}, cfg.load)
 
 
 def save_variant(q, name, cfg, w_bits, a_bits):
     """<out>/<name>.safetensors: the state (weights, s, Δ_w, TPQ tables, k_t) and, in its metadata, the
-    config that --load needs to rebuild the model."""
-    meta = dict(model=cfg.model, steps=cfg.steps, w_bits=w_bits, a_bits=a_bits, sm_bits=cfg.sm_bits,
-                wd=VARIANTS[name]["wd"], tpq=VARIANTS[name]["tpq"], split=cfg.split,
-                first_last_8bit=cfg.first_last_8bit, eps_correct=cfg.eps_correct)
+    run's settings (model, sampler, bits, first/last rule, N, seed...) and the variant's, for --load."""
+    drop = ("device", "out", "load", "ablate")
+    keep = {k: v for k, v in asdict(cfg).items() if k not in drop}
+    meta = dict(keep, w_bits=w_bits, a_bits=a_bits, wd=VARIANTS[name]["wd"], tpq=VARIANTS[name]["tpq"])
     save_safetensors(q.state_dict(), os.path.join(cfg.out, f"{name}.safetensors"),
                      metadata=dict(dilatequant=json.dumps(meta)))
 
 
 def main():
     cfg = parse_config(Config, PRESETS)
-    w_bits, a_bits, names = check_config(cfg)
     state, saved = None, None
-    if cfg.load:
-        state, saved = load_saved(cfg.load, "dilatequant")             # its config is in the file's metadata
-        cfg.model, cfg.steps, cfg.sm_bits = saved["model"], saved["steps"], saved["sm_bits"]
-        w_bits, a_bits, names = saved["w_bits"], saved["a_bits"], ["loaded"]
+    if cfg.load:                     # the file's model, its preset and its settings; flags given still win
+        state, saved = load_saved(cfg.load, "dilatequant")
+        if "first_last" not in saved:
+            raise UserError(f"{cfg.load}: saved without its first/last-layer setting; quantize it again")
+        cfg = parse_config(Config, PRESETS, saved=saved)
+        for k in ("bits", "w_bits", "a_bits", "sm_bits", "split", "first_last"):   # shape the quantizers
+            if getattr(cfg, k) != saved[k]:
+                raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: {cfg.load} was quantized with "
+                                f"{saved[k]}; drop the flag")
+    w_bits, a_bits, names = check_config(cfg)
+    names = ["loaded"] if saved else names
     seed_everything(cfg.seed)
     device, t_start = pick_device(cfg.device), time.time()
     os.makedirs(cfg.out, exist_ok=True)

@@ -20,13 +20,13 @@ quantized model's state (sample it again with --load).
     python edadm.py --model ddpm-cifar10 --w-bits 4 --a-bits 8 --ref cifar10_train_stats.npz   # the paper's
     python edadm.py --load runs/edadm/edadm.safetensors      # sample a saved model again
 
-Expected result of `python edadm.py --w-bits 4 --a-bits 8` (bundled model, 2-core CPU, ~314-359 s; FID of
+Expected result of `python edadm.py --w-bits 4 --a-bits 8` (bundled model, 2-core CPU, ~5-6 min; FID of
 N = 192 samples against the bundled CIFAR-10 statistics, FP's own FID 163.53):
 
     W4A8            eps-MSE vs FP   PSNR vs FP (dB)   FID
-    naive PTQ       0.04345         18.76             238.34
-    BRECQ-style     0.02732         21.86             192.27
-    EDA-DM          0.02918         25.39             201.95
+    naive PTQ       0.04149         19.67             212.05
+    BRECQ-style     0.02681         22.18             171.14
+    EDA-DM          0.02871         22.85             175.95
 
 EDA-DM is ahead on PSNR, behind the BRECQ-style baseline on ε-MSE and FID.
 
@@ -37,11 +37,12 @@ Where this differs from the paper or the official code:
   "dense"; 3.0 on ddpm-cifar10 (official scripts/calibration.py, TDAC_cifar_calib_data_generator): --radius.
 - Counts n_k by largest remainder, not the official round-then-repair (at most 1 apart per step); a constant
   D or V normalises to 0 where the official min-max divides by zero.
-- First/last 8-bit layers as the official code picks them, in registration order: temb.dense.0 (not conv_in,
-  the first layer to run) and conv_out, whose input stays FP: --first-last-8bit.
-- The extra 8-bit input quantizer sits on up[0]'s last layer (the last before conv_out in execution order);
-  the official a_list[-2] (registration order) is the last up level's upsample.conv input (paper's model:
-  up.3). A no-op at A8: --first-last-8bit.
+- The papers' "first and last layers at 8 bit" by position in the network: conv_in and conv_out, 8-bit
+  weights and inputs (common.first_last_layers). The official code (qdiff/quant_model.py,
+  QuantModel.set_first_last_layer_to_8bit, disable_network_output_quantization) picks by registration
+  order: 8-bit temb.dense.0 and conv_out weights, conv_out's input FP, and an 8-bit input on a_list[-2],
+  the second-to-last layer registered (up.3.upsample.conv on the paper's model, up.2.upsample.conv on the
+  bundled one): --first-last official (none: every layer at the requested bits).
 - Shortcut split on, as in every official script: --split.
 - AdaRound's rounding regulariser off, as in the official code (round_loss 'none'): --round-reg.
 - lr_w / lr_a by weight bits: the official CIFAR-10 W8A8 pair at 8 bit, its W4A8 pair below: --lr-w, --lr-a.
@@ -64,10 +65,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (QuantConv2d, QuantLinear, UserError, check_bits, ddim_sample, ddim_timesteps, eps_mse,
-                    fake_quant, fid_or_none, held_out, linear_alphas_cumprod, load_saved, load_strict,
-                    lp_search_range, minmax_range, parse_config, parse_list, peak_mb, pick_device, predict,
-                    print_table, psnr, quant_params, replace_modules, resolve_bits, run_main, save_grid,
-                    save_panels, save_safetensors, seed_everything, set_quant, write_record)
+                    fake_quant, fid_or_none, first_last_layers, held_out, linear_alphas_cumprod, load_saved,
+                    load_strict, lp_search_range, minmax_range, parse_config, parse_list, peak_mb,
+                    pick_device, predict, print_table, psnr, quant_params, replace_modules, resolve_bits,
+                    run_main, save_grid, save_panels, save_safetensors, seed_everything, set_quant,
+                    write_record)
 from models.ddpm import AttnBlock, ResnetBlock, load_unet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -85,7 +87,7 @@ class Config:
     w_bits: int = 0                # weight bits, overrides --bits (0: use --bits)
     a_bits: int = 0                # activation bits, overrides --bits (0: use --bits)
     sm_bits: int = 8               # bits of the softmax-probability input of attention (official: 8)
-    first_last_8bit: bool = True   # official quirk: 8-bit temb.dense.0/conv_out weights, conv_out input FP
+    first_last: str = "position"   # 8-bit layers: position (conv_in, conv_out: W8A8), official, none
     split: bool = True             # shortcut split: own quantizers for both halves of cat([h, skip])
     steps: int = 100               # DDIM steps, quad sequence, eta 0 (official CIFAR-10: 100)
     calib: int = 1024              # N, calibration samples (official CIFAR-10: 1024)
@@ -121,8 +123,10 @@ PRESETS = {
                                ref=os.path.join(HERE, "models", "cifar10_fragment_train_stats.npz")),
     "ddpm-cifar10": dict(steps=100, calib=1024, calib_traj=1024, iters=5000, n=50000, eval_batch=500, ref=""),
 }
+FIRST_LAST = ("position", "official", "none")   # --first-last choices (quantize)
 GRID = [i / 100 for i in range(1, 101)]  # the L_p search's 100 clipping ratios (official perform_1D_search)
-ZETA, GAMMA_R = 1.1, -0.1                # rectified sigmoid's stretch (AdaRound, official AdaRoundQuantizer)
+ZETA = 1.1                               # rectified sigmoid's stretch (AdaRound, official AdaRoundQuantizer)
+GAMMA_R = -0.1
 
 
 # -----------------------------------------------------------------------------
@@ -143,7 +147,8 @@ class AdaRound(nn.Module):
         self.soft = False
         self.V = None
         O = w.shape[0]
-        deltas, zeros = [], []
+        deltas = []
+        zeros = []
         for part in ([w] if not split else [w[:, :split], w[:, split:]]):
             rows = part.reshape(O, -1)                                # [O, I·K]
             lo, hi = lp_search_range(rows, bits, GRID) if search else minmax_range(rows)
@@ -209,40 +214,51 @@ def switch(model, on):
             m.on = on
 
 
-def quantize(fp, w_bits, a_bits, sm_bits, *, search, split=True, first_last_8bit=True):
+def quantize(fp, w_bits, a_bits, sm_bits, *, search, split=True, first_last="position"):
     """A copy of `fp` where every conv/linear quantizes its weight per output channel and its input per
     tensor, and the attention matmul inputs q, k, v, softmax(qkᵀ) are quantized at the hook points (official
     qdiff/quant_block.py, QuantAttnBlock). Split up-path shortcuts: the two halves are quantized at the
     block's shortcut_h/shortcut_skip hooks (so nin_shortcut itself gets no input quantizer) and its weight
-    halves get their own ranges. first_last_8bit (official QuantModel.set_first_last_layer_to_8bit and
-    disable_network_output_quantization): the first and last weight quantizers in registration order at 8 bit
-    (temb.dense.0 and conv_out), conv_out's input in FP, and the input of up[0]'s last layer at 8 bit (the
-    official a_list[-2] is another one: see the top of the file). Weight ranges are set here from the weights
-    alone (official set_weight_quantize_params gets the same)."""
+    halves get their own ranges. Weight ranges are set here from the weights alone (official
+    set_weight_quantize_params gets the same). The layers kept at 8 bit, by first_last:
+      "position": the first layer by data flow and the last (common.first_last_layers on the UNet `fp`:
+          conv_in and conv_out), 8-bit weights and 8-bit inputs;
+      "official" (qdiff/quant_model.py, QuantModel.set_first_last_layer_to_8bit and
+          disable_network_output_quantization): the first and last weight quantizers in registration order
+          at 8 bit (temb.dense.0 and conv_out), conv_out's input FP, and an 8-bit input on a_list[-2], the
+          second-to-last Conv/Linear registered (up.2.upsample.conv on the bundled UNet, up.3.upsample.conv
+          on the paper's; a split nin_shortcut would get it at its shortcut_h/shortcut_skip hooks);
+      "none": every layer at w_bits / a_bits."""
+    if first_last not in FIRST_LAST:
+        raise UserError(f"--first-last {first_last!r}: choose from {', '.join(FIRST_LAST)}")
     q = copy.deepcopy(fp)
     names = [n for n, m in q.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     splits = {f"{n}.nin_shortcut": m.split for n, m in q.named_modules()
-              if isinstance(m, ResnetBlock) and m.split and hasattr(m, "nin_shortcut")}
-    splits = splits if split else {}
-    first, last = names[0], names[-1]
-    last_act = ([n for n in names if n.startswith("up.0.")] or [None])[-1]
+              if split and isinstance(m, ResnetBlock) and m.split and hasattr(m, "nin_shortcut")}
+    w8 = a8 = fp_in = set()                          # 8-bit weights, 8-bit inputs, FP inputs
+    if first_last == "position":
+        device = next(fp.parameters()).device
+        w8 = a8 = set(first_last_layers(fp, torch.zeros(1, 3, fp.resolution, fp.resolution, device=device),
+                                        torch.zeros(1, device=device)))
+    elif first_last == "official":
+        w8 = {names[0], names[-1]}
+        a8 = {names[-2]}                             # a_list[-2]
+        fp_in = {names[-1]}
 
     def act_bits(name):
-        return 8 if first_last_8bit and name == last_act else a_bits
+        return 8 if name in a8 else a_bits
 
     def make(name, layer):
-        wq = AdaRound(layer.weight.data, 8 if first_last_8bit and name in (first, last) else w_bits, search,
-                      splits.get(name, 0))
-        fp_input = (first_last_8bit and name == last) or name in splits
+        wq = AdaRound(layer.weight.data, 8 if name in w8 else w_bits, search, splits.get(name, 0))
         wrap = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-        return wrap.from_float(layer, wq, None if fp_input else ActQuant(act_bits(name)))
+        aq = None if name in fp_in or name in splits else ActQuant(act_bits(name))
+        return wrap.from_float(layer, wq, aq)
 
     replace_modules(q, lambda n, m: isinstance(m, (nn.Conv2d, nn.Linear)), make)
     for name, m in q.named_modules():
         if isinstance(m, AttnBlock):                                 # QKᵀ and softmax·V inputs
-            m.act_q = ActQuant(a_bits)
-            m.act_k = ActQuant(a_bits)
-            m.act_v = ActQuant(a_bits)
+            for k in ("act_q", "act_k", "act_v"):
+                setattr(m, k, ActQuant(a_bits))
             m.act_softmax = ActQuant(sm_bits)
         if f"{name}.nin_shortcut" in splits:
             m.shortcut_h = ActQuant(act_bits(f"{name}.nin_shortcut"))
@@ -257,7 +273,7 @@ def running_range(x, old, bits, search):
     search on the extremes and a 16k subsample (the search over all of a 256-image batch is slow on CPU).
     Naive PTQ: the overall min/max."""
     v = x.detach().flatten()
-    lo, hi = v.min(), v.max()
+    lo, hi = torch.aminmax(v)
     if not search:
         old = old or (lo, hi)
         return torch.minimum(old[0], lo), torch.maximum(old[1], hi)
@@ -295,7 +311,8 @@ def fp_trajectories(fp, B, seq, abar, *, batch, generator):
     """B FP DDIM trajectories: the model input x [T_s, B, 3, H, W] of every step and the latent feature
     F [T_s, B, C, h, w], the input of the middle attention block (a forward hook on mid.attn_1, as the
     official code). Steps are indexed in denoising order, k = 0 the first (noisiest) one."""
-    xs, feats = [], []
+    xs = []
+    feats = []
     hook = fp.mid.attn_1.register_forward_hook(lambda m, args, out: feats[-1].append(args[0].cpu()))
     device = next(fp.parameters()).device
     noise = torch.randn(B, 3, fp.resolution, fp.resolution, generator=generator).to(device)
@@ -394,7 +411,9 @@ def unit_io(model, unit, calib, batch, layers=()):
     """Over the calibration set: the inputs of `unit`, its output, and the outputs of its sub-layers
     `layers` (names inside the unit); the forward stops at the unit (official qdiff/data_utils.py,
     save_inp_oup_data)."""
-    ins, outs, inner = [], [], {n: [] for n in layers}
+    ins = []
+    outs = []
+    inner = {n: [] for n in layers}
     mods = dict(unit.named_modules())
     hooks = [mods[n].register_forward_hook(lambda m, a, o, n=n: inner[n].append(o)) for n in layers]
 
@@ -442,7 +461,8 @@ def reconstruct_unit(unit, fp_io, x_q, layers, *, gamma, iters, batch, lr_w, lr_
     opts = [torch.optim.Adam([m.wq.V for m in qlayers], lr=lr_w)]
     opts += [torch.optim.Adam([m.delta for m in acts], lr=lr_a)] if acts else []
     scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=max(iters, 1), eta_min=0.0) for o in opts]
-    mods, seen = dict(unit.named_modules()), {}
+    mods = dict(unit.named_modules())
+    seen = {}
     hooks = [mods[n].register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, o)) for n in layers]
     for m in acts:
         m.keep = qdrop
@@ -479,7 +499,8 @@ def reconstruct_unit(unit, fp_io, x_q, layers, *, gamma, iters, batch, lr_w, lr_
 def reconstruct(fp, q, calib, *, gamma, iters, batch, lr_w, lr_a, qdrop, round_reg, generator, io_batch=256):
     """Units in execution order: the FP network gives the unit's FP input x_fp, FP output y_fp and FP layer
     outputs o_l; the quantized network (finished units hard-rounded) gives its input x_q."""
-    fp_mods, q_mods = dict(fp.named_modules()), dict(q.named_modules())
+    fp_mods = dict(fp.named_modules())
+    q_mods = dict(q.named_modules())
     log = []
     for name in tqdm(units_in_order(q), desc="reconstruct"):
         unit = q_mods[name]
@@ -515,6 +536,8 @@ def check_config(cfg):
     cfg.w_bits, cfg.a_bits = resolve_bits(cfg.bits, cfg.w_bits, cfg.a_bits)
     check_bits(sm_bits=cfg.sm_bits)
     ablate = parse_list(cfg.ablate, ("tdac", "fbr"), "--ablate")
+    if cfg.first_last not in FIRST_LAST:
+        raise UserError(f"--first-last {cfg.first_last!r}: choose from {', '.join(FIRST_LAST)}")
     if not 2 <= cfg.steps <= 1000:
         raise UserError(f"--steps {cfg.steps}: the quad DDIM sequence needs 2..1000 steps")
     if not cfg.batch <= cfg.calib <= cfg.calib_traj * cfg.steps:
@@ -552,7 +575,7 @@ def build_variant(fp, variant, calib, cfg):
     """One quantized model: quantizers placed, activation ranges from its calibration set (TDAC or uniform),
     then, if the variant reconstructs, every unit trained in turn. Returns the model and the loss log."""
     q = quantize(fp, cfg.w_bits, cfg.a_bits, cfg.sm_bits, search=variant["search"], split=cfg.split,
-                 first_last_8bit=cfg.first_last_8bit)
+                 first_last=cfg.first_last)
     data = calib["tdac" if variant["tdac"] else "uniform"]
     init_acts(q, data, variant["search"])
     if not variant["reconstruct"]:
@@ -566,7 +589,7 @@ def build_variant(fp, variant, calib, cfg):
 def load_variant(fp, state, saved, cfg):
     """A quantized model saved by this script (its settings already in cfg), loaded strictly."""
     q = quantize(fp, cfg.w_bits, cfg.a_bits, cfg.sm_bits, search=False, split=cfg.split,
-                 first_last_8bit=cfg.first_last_8bit)
+                 first_last=cfg.first_last)
     if saved["adaround"]:                                            # the state holds V: make room for it
         for m in q.modules():
             if isinstance(m, (QuantConv2d, QuantLinear)):
@@ -575,10 +598,14 @@ def load_variant(fp, state, saved, cfg):
     return load_strict(q, {k: v.to(device) for k, v in state.items()}, cfg.load)
 
 
+# The settings a saved model carries: those that shape its quantizers (a different value on --load is an
+# error), and the model, DDIM steps and seed it was evaluated with (--load's defaults; flags override them)
+FIXED = ("bits", "w_bits", "a_bits", "sm_bits", "split", "first_last")
+
+
 def save_variant(q, name, variant, cfg):
-    meta = dict(model=cfg.model, steps=cfg.steps, w_bits=cfg.w_bits, a_bits=cfg.a_bits, sm_bits=cfg.sm_bits,
-                split=cfg.split, first_last_8bit=cfg.first_last_8bit, adaround=variant["reconstruct"],
-                tdac=variant["tdac"], fbr=variant["fbr"])
+    meta = {k: getattr(cfg, k) for k in FIXED + ("model", "steps", "seed")}
+    meta |= dict(adaround=variant["reconstruct"], tdac=variant["tdac"], fbr=variant["fbr"])
     save_safetensors(q.state_dict(), os.path.join(cfg.out, f"{name}.safetensors"),
                      metadata=dict(edadm=json.dumps(meta)))
 
@@ -600,12 +627,18 @@ def evaluate(q, ev, cfg, t0):
 
 def main():
     cfg = parse_config(Config, PRESETS)
-    ablate = check_config(cfg)
     state = saved = None
-    if cfg.load:                                   # the saved model's settings (metadata) replace the flags'
+    if cfg.load:                     # the file's model brings its preset, its settings override it, flags win
         state, saved = load_saved(cfg.load, "edadm")
-        for k in ("model", "steps", "w_bits", "a_bits", "sm_bits", "split", "first_last_8bit"):
-            setattr(cfg, k, saved[k])
+        if "first_last" not in saved:
+            raise UserError(f"{cfg.load}: saved before --first-last existed (its settings lack first_last); "
+                            "quantize the model again")
+        cfg = parse_config(Config, PRESETS, saved=saved)
+    ablate = check_config(cfg)
+    for k in FIXED if saved else ():
+        if k in saved and getattr(cfg, k) != saved[k]:
+            raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: {cfg.load} was quantized with "
+                            f"{saved[k]}; drop the flag")
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     t_start = time.time()

@@ -11,21 +11,21 @@ al., CVPR 2025, arXiv 2406.17343; official code github.com/Juanerx/Q-DiT @519d24
 
 One run climbs the paper's ablation ladder on one calibration set and sampling noise: FP; naive RTN (per-row
 weights, per-tensor static activations); fixed g, static; fixed g, dynamic; the searched g. Out: a table,
-results.json, each rung's grid and state, compare.png, searched_config.json (which --load reuses).
+results.json, each rung's grid and state, compare.png, searched_config.json. A state or searched_config.json
+carries its model and run settings (CARRIED); --load takes that model's preset, then these, then flags given.
 
     python qdit.py                                # bundled DiT, quick preset with a small search (2-core CPU)
     python qdit.py --no-search --group-size 32    # the fixed-g ladder only
     python qdit.py --model dit-xl-2-256 --search --ref VIRTUAL_imagenet256_labeled.npz   # the paper's (GPU)
     python qdit.py --load runs/qdit/searched_config.json   # FP and the searched rung again, no search
-    python qdit.py --load runs/qdit/searched.safetensors   # sample a saved quantized model again
+    python qdit.py --load runs/qdit/g64_static.safetensors --n 64   # a saved rung again, with 64 samples
 
-Expected result of `python qdit.py` (bundled DiT, W4A8, N = 256, 2-core CPU, ~426 s):
-    rung           fp       rtn  g64_static  g64_dynamic  searched (mean g 77.0)
-    ε-MSE           0   0.00336     0.00035      0.00022                 0.00021
-    PSNR dB         –     23.55       37.69        37.80                   37.19
-    FID        263.79    282.05      265.74       267.66                  267.02
-The bundled DiT is under-trained (its FP samples are saturated colour fields): these say more about the
-ladder's order than about image quality. Paper, DiT-XL/2 ImageNet 256 DDIM-100 W4A8: FID 6.40 (FP 5.31).
+Expected result of `python qdit.py` (bundled DiT, W4A8, N = 256, 2-core CPU, ~350 s):
+    rung           fp       rtn  g64_static  g64_dynamic  searched (mean g 64.0)
+    ε-MSE           0   0.00351     0.00181      0.00073                 0.00074
+    PSNR dB         –     28.30       37.59        38.61                   38.51
+    FID        146.99    155.60      148.64       147.92                  147.26
+Paper, DiT-XL/2 ImageNet 256 DDIM-100 W4A8: FID 6.40 (FP 5.31).
 
 Where this differs from the paper or the official code:
 - one gene sets a Linear's weight and activation g (the official search changed only the weights' g)
@@ -42,12 +42,7 @@ Where this differs from the paper or the official code:
 - FID samples are drawn, 10k as quant_main.sh (its sample_fid call is commented out): --n
 - without the Inception weights the fitness is the samples' MSE to FP's from the same noise: --fitness
 """
-import copy
-import json
-import math
-import os
-import random
-import time
+import copy, json, math, os, random, time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -124,6 +119,9 @@ PRESETS = {
     "dit-xl-2-256": dict(steps=100),
     "dit-xl-2-512": dict(steps=50),
 }
+# What a saved rung's metadata and searched_config.json carry for --load: the model, quantizer and bench.
+CARRIED = ("model ckpt vae w_bits a_bits group_size w_sym a_sym include_zero gptq blocksize damp quant_adaln "
+           "steps cfg_scale calib calib_batch calib_steps n eval_batch ref seed").split()
 LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # a block's quantized Linears, evolution.py's order
 
 
@@ -155,10 +153,9 @@ def fake_quant_(x, s, z, qmin, qmax):
 
 
 class ActQuant(nn.Module):
-    """The input quantizer of one Linear, in groups of g along the input channel. Dynamic (the paper's
-    sample-wise quantization): the min-max (s, z) of every token's every group at each call, so per sample
-    and per timestep (CFG's null-class half included). Static (the ablation, official --static): one (s, z)
-    per channel group for all tokens and steps, from ranges calibrate_static sets; g = d_in: per tensor."""
+    """A Linear's input quantizer in groups of g input channels. Dynamic (the paper's sample-wise one): each
+    token's groups' min-max (s, z) at each call (CFG's null half too). Static (the ablation, official
+    --static): one (s, z) per channel group for all tokens, ranges from calibrate_static; g = d_in: tensor."""
 
     def __init__(self, bits, g, sym, dynamic, include_zero=False):
         super().__init__()
@@ -183,11 +180,10 @@ class ActQuant(nn.Module):
 # Which layers (official qdit/modelutils.py): qkv, proj, fc1, fc2 (weights, inputs), adaLN (weights)
 
 def quantize(fp, genes, a_bits, a_sym, act, *, adaln_g, include_zero=False):
-    """A copy of fp with the Linears above wrapped (common.QuantLinear, by composition) and their weights
-    still FP. The four Linears of block i get an input quantizer with their gene's g (act: dynamic, static,
-    or tensor = static with one group) and keep g (m.g) for their weights: one gene sets both (the official
-    search only ever changed the weights' g). adaLN_modulation.1 keeps adaln_g (None: left FP). Attention
-    matmuls, embeddings, the final layer, norms and gates stay FP."""
+    """A copy of fp with the Linears above wrapped (common.QuantLinear), weights still FP. The four Linears of
+    block i get an input quantizer at their gene's g (act: dynamic, static, or tensor = static, one group) and
+    keep g (m.g) for their weights too. adaLN_modulation.1 keeps adaln_g (None: FP). Attention matmuls,
+    embeddings, the final layer, norms and gates stay FP."""
     g_of = dict(zip(gene_layers(fp), genes))
     if adaln_g is not None:
         g_of |= {f"blocks.{i}.adaLN_modulation.1": adaln_g for i in range(len(fp.blocks))}
@@ -257,11 +253,10 @@ def gptq_params(w, bits, sym):
 def gptq(W, H, bits, g, sym, *, blocksize=128, damp=0.01):
     """GPTQ (Frantar et al. 2023, Algorithm 1; official gptq.py without act-order) with one (s, z) per row
     and group of g input columns. Goal: a grid-valued Q with a small ||W X − Q X||², H = 2 X Xᵀ.
-    Columns are rounded left to right; rounding column k leaves the error w_k − q_k, and the optimal
-    change of the columns not yet rounded (OBS) is W[:, k:] −= (w_k − q_k)/[H_k⁻¹]_kk·[H_k⁻¹]_k,k:
-    (H_k⁻¹: the inverse Hessian of the columns ≥ k). Row k of the upper Cholesky factor U of H⁻¹
-    (H⁻¹ = UᵀU) is that row of H_k⁻¹ over √[H_k⁻¹]_kk, so the update is W[:, k:] −= e·U_k,k:
-    with e = (w_k − q_k)/U_kk: one factorisation serves every k."""
+    Columns are rounded left to right; rounding column k leaves the error w_k − q_k, and the optimal change of
+    the columns not yet rounded (OBS) is W[:, k:] −= (w_k − q_k)/[H_k⁻¹]_kk·[H_k⁻¹]_k,k: (H_k⁻¹: the inverse
+    Hessian of the columns ≥ k). Row k of the upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) is that row of
+    H_k⁻¹ over √[H_k⁻¹]_kk, so W[:, k:] −= e·U_k,k: with e = (w_k − q_k)/U_kk: one factorisation for all k."""
     W, H = W.detach().clone().float(), H.clone()                    # [d_out, d_in], [d_in, d_in]
     d_in, g = W.shape[1], g or W.shape[1]
     dead = torch.diag(H) == 0                                       # inputs that are always 0: their weights
@@ -295,8 +290,7 @@ def gptq_model(q, calib, bits, sym, *, blocksize, damp, batch):
     """GPTQ over the model in the GPTQ repository's driver shape (opt_sequential): catch block 0's inputs,
     then block by block: hooks gather H = 2/n Σ x xᵀ of every wrapped Linear's input as the quantized model
     sees it (activation quantizers on, earlier blocks quantized), GPTQ each with its own g, and the block's
-    quantized outputs are the next block's inputs (official quant_main.py reruns the whole model per block:
-    the same inputs, depth times the cost). Plain conditional forwards (the calibration has no null class)."""
+    quantized outputs are the next block's inputs. Conditional forwards (calibration has no null class)."""
     xs = []
 
     def catch(module, args):
@@ -374,12 +368,11 @@ def psnr_u8(x, ref, chunk=500):
 # Automatic granularity allocation (paper Algorithm 1, official scripts/evolution.py): one g per Linear
 
 def evolution(fitness, n_genes, space, legal, start, *, cfg, rng):
-    """Paper Algorithm 1 (official evolution.py): minimise fitness over g vectors under `legal`. The
-    population starts with `start` (official: uniform [128]·112) and random legal vectors; every epoch merges
-    it into the elite (the best K ever seen), then breeds `mutation` children (a random elite parent, each
-    gene redrawn with probability p_mut) and `crossover` children (two parents, each gene from either with
-    probability 1/2), at most 10 tries per child, and refills with random vectors. A candidate is evaluated
-    once, when first proposed, if legal. After the last epoch one more merge. rng is private."""
+    """Paper Algorithm 1 (official evolution.py): minimise fitness over g vectors under `legal`. Population:
+    `start` (official: [128]·112) and random legal vectors; each epoch merges it into the elite (the best K
+    seen), breeds `mutation` children (a random elite parent, each gene redrawn with probability p_mut) and
+    `crossover` children (each gene from either of two parents, 1/2 each), at most 10 tries per child, and
+    refills at random; one more merge ends it. Legal candidates are scored once, when first proposed."""
     seen, pop, history = {}, [], []
 
     def consider(cand):
@@ -436,11 +429,10 @@ def fid_few(f, mu_r, sigma_r):
 
 
 def fitness_fn(fp, cfg, kind, shape, vae, *, device):
-    """The loss of a g vector (official evolution.py, evolution.sh): the FP model with dynamic activation
-    quantizers at the candidate's g and RTN weights (never GPTQ), symmetric and without CFG unless
-    --search-final; adaLN weights at --group-size. The same noise and labels for every candidate (a private
-    generator). kind fid: FID of the samples against --ref (Inception features as eval_fid.statistics
-    computes them); mse: their mean squared distance to FP's samples from the same noise."""
+    """The loss of a g vector (official evolution.py, evolution.sh): the FP model, dynamic input quantizers at
+    the candidate's g, RTN weights (never GPTQ), symmetric, no CFG unless --search-final; adaLN weights at
+    --group-size; one noise and label set for all (a private generator). kind fid: FID of the samples against
+    --ref (Inception features as eval_fid.statistics); mse: their mean squared distance to FP's samples."""
     w_sym, a_sym, scale = (cfg.w_sym, cfg.a_sym, cfg.cfg_scale) if cfg.search_final else (True, True, 1.0)
     g = torch.Generator().manual_seed(cfg.fit_seed)
     noise = torch.randn(cfg.fit_n, *shape, generator=g).to(device)
@@ -505,7 +497,12 @@ def check_config(cfg):
 
 
 def read_load(cfg):
-    """--load: (searched config, None, None) from a .json, (None, saved config, state) from a .safetensors."""
+    """--load: (config, searched, loaded, state): searched_config.json gives searched (its g, no search), a
+    rung's .safetensors its rung (loaded) and state. The config is parsed again with the file's model and
+    CARRIED settings between that model's preset and the flags given."""
+    if not cfg.load:
+        return cfg, None, None, None
+    searched = loaded = st = None
     if cfg.load.endswith(".json"):
         if not os.path.isfile(cfg.load):
             raise UserError(f"{cfg.load}: no such file")
@@ -513,13 +510,11 @@ def read_load(cfg):
             searched = json.load(f)
         if not isinstance(searched, dict) or "group_sizes" not in searched:
             raise UserError(f"{cfg.load}: not a configuration written by qdit.py (no group_sizes)")
-        cfg.model, cfg.search = searched["model"], False
-        return searched, None, None
-    if cfg.load:
-        st, loaded = load_saved(cfg.load, "qdit")   # its config is in the file's metadata
-        cfg.model, cfg.search = loaded["model"], False
-        return None, loaded, st
-    return None, None, None
+    else:
+        st, loaded = load_saved(cfg.load, "qdit")   # its rung and settings are in the file's metadata
+    cfg = parse_config(Config, PRESETS, saved={k: v for k, v in (searched or loaded).items() if k in CARRIED})
+    cfg.search = False
+    return cfg, searched, loaded, st
 
 
 def load_models(cfg, device, space, searched):
@@ -532,7 +527,7 @@ def load_models(cfg, device, space, searched):
         vae = vae.to(device).requires_grad_(False)
     names, mods = gene_layers(fp), dict(fp.named_modules())
     widths = sorted({mods[name].in_features for name in names})
-    for g in space + [cfg.group_size]:
+    for g in (space if cfg.search else []) + [cfg.group_size]:
         if g and any(w % g for w in widths):
             raise UserError(f"group size {g} does not divide the Linear input widths {widths} of {cfg.model}")
     if searched is not None and (searched.get("layers") != names or any(g <= 0 or w % g for w, g in zip(
@@ -579,9 +574,9 @@ def run_search(fp, cfg, kind, space, bench):
     start = [cfg.group_size or max(space)] * len(names)
     genes, best, log = evolution(fitness, len(names), space, constraint(fp, cfg.budget, cfg.bitops), start,
                                  cfg=cfg, rng=random.Random(cfg.seed))
-    searched = dict(model=cfg.model, layers=names, group_sizes=genes, mean_g=sum(genes) / len(genes),
-                    fitness=kind, value=best, space=space, budget=cfg.budget, bitops=cfg.bitops,
-                    w_bits=cfg.w_bits, a_bits=cfg.a_bits, fit_n=cfg.fit_n, fit_steps=cfg.fit_steps, **log)
+    searched = {k: getattr(cfg, k) for k in CARRIED} | dict(
+        layers=names, group_sizes=genes, mean_g=sum(genes) / len(genes), fitness=kind, value=best,
+        space=space, budget=cfg.budget, bitops=cfg.bitops, fit_n=cfg.fit_n, fit_steps=cfg.fit_steps, **log)
     path = os.path.join(cfg.out, "searched_config.json")
     with atomic_write(path, "w") as f:
         json.dump(searched, f, indent=1)
@@ -592,16 +587,13 @@ def run_search(fp, cfg, kind, space, bench):
 
 def ladder(cfg, n_genes, searched, loaded):
     """The rungs in the paper's ablation order: name -> dict(genes: one g per searched Linear (0: a row),
-    act: dynamic / static / tensor (static, one group), weights: gptq / rtn (None: as saved), adaln_g);
-    and qs, the bits and quantizer choices they share."""
-    qs = {k: loaded[k] if loaded else getattr(cfg, k) for k in ("w_bits", "a_bits", "w_sym", "a_sym",
-                                                                "include_zero")}
+    act: dynamic / static / tensor (static, one group), weights: gptq / rtn (None: as saved), adaln_g)."""
     G, final = cfg.group_size, "gptq" if cfg.gptq else "rtn"
     tag = f"g{G}" if G else "row"
     adaln = G if cfg.quant_adaln else None
     if loaded is not None:
         return {"loaded": dict(genes=loaded["genes"], act=loaded["act"], weights=None,
-                               adaln_g=loaded["adaln_g"])}, qs
+                               adaln_g=loaded["adaln_g"])}
     rungs = {}
     if not cfg.load:
         rungs["rtn"] = dict(genes=[0] * n_genes, act="tensor", weights="rtn",
@@ -610,26 +602,27 @@ def ladder(cfg, n_genes, searched, loaded):
         rungs[f"{tag}_dynamic"] = dict(genes=[G] * n_genes, act="dynamic", weights=final, adaln_g=adaln)
     if searched is not None:
         rungs["searched"] = dict(genes=searched["group_sizes"], act="dynamic", weights=final, adaln_g=adaln)
-    return rungs, qs
+    return rungs
 
 
-def build_rung(fp, rung, qs, cfg, calib, *, st):
+def build_rung(fp, rung, cfg, calib, *, st):
     """One rung's model: wrap, calibrate static ranges, quantize the weights (GPTQ loader: batch 32, as
     quant_main.py); with st (--load), room for the static ranges, then the saved tensors, strictly."""
-    q = quantize(fp, rung["genes"], qs["a_bits"], qs["a_sym"], rung["act"], adaln_g=rung["adaln_g"],
-                 include_zero=qs["include_zero"])
+    q = quantize(fp, rung["genes"], cfg.a_bits, cfg.a_sym, rung["act"], adaln_g=rung["adaln_g"],
+                 include_zero=cfg.include_zero)
     if st is not None:
         for m in qlinears(q):
             if m.quant_a and not m.aq.dynamic:
-                m.aq.lo = m.aq.hi = m.weight.new_zeros(m.weight.shape[1] // m.aq.g, 1)
+                m.aq.lo = m.weight.new_zeros(m.weight.shape[1] // m.aq.g, 1)
+                m.aq.hi = torch.zeros_like(m.aq.lo)                 # its own tensor, else hi loads over lo
         device = next(fp.parameters()).device
         return load_strict(q, {k: v.to(device) for k, v in st.items()}, cfg.load)
     if rung["act"] != "dynamic":
         calibrate_static(q, calib, cfg.calib_batch)
     if rung["weights"] == "gptq":
-        gptq_model(q, calib, qs["w_bits"], qs["w_sym"], blocksize=cfg.blocksize, damp=cfg.damp, batch=32)
+        gptq_model(q, calib, cfg.w_bits, cfg.w_sym, blocksize=cfg.blocksize, damp=cfg.damp, batch=32)
     else:
-        rtn_weights(q, qs["w_bits"], qs["w_sym"], qs["include_zero"])
+        rtn_weights(q, cfg.w_bits, cfg.w_sym, cfg.include_zero)
     return q
 
 
@@ -646,9 +639,8 @@ def measure(q, rung, cfg, bench, t0):
 
 
 def main():
-    cfg = parse_config(Config, PRESETS)
+    cfg, searched, loaded, st = read_load(parse_config(Config, PRESETS))
     space = check_config(cfg)
-    searched, loaded, st = read_load(cfg)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # GPTQ's maths in fp32
     seed_everything(cfg.seed)
     device, t_start = pick_device(cfg.device), time.time()
@@ -672,18 +664,18 @@ def main():
     if cfg.search:
         searched, results["search"] = run_search(fp, cfg, kind, space, bench)
 
-    rungs, qs = ladder(cfg, len(names), searched, loaded)
+    rungs = ladder(cfg, len(names), searched, loaded)
     for name, rung in rungs.items():
         t0 = time.time()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        q = build_rung(fp, rung, qs, cfg, calib, st=st)
+        q = build_rung(fp, rung, cfg, calib, st=st)
         results[name], x = measure(q, rung, cfg, bench, t0)
         samples[name] = x[:32]
         save_grid(to_float(x[:64]), os.path.join(cfg.out, f"grid_{name}.png"))
         if loaded is None:
             save_safetensors(q.state_dict(), os.path.join(cfg.out, f"{name}.safetensors"),
-                             metadata=dict(qdit=json.dumps(dict(model=cfg.model, **rung, **qs))))
+                             metadata=dict(qdit=json.dumps({k: getattr(cfg, k) for k in CARRIED} | rung)))
         print(f"{name}: {results[name]['seconds']:.0f} s")
 
     print_table(results, label="rung")

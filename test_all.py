@@ -127,6 +127,35 @@ def test_lp_search_clips_outliers_and_beats_minmax():
     assert torch.all(lo1 == 0) and torch.all(hi1 > 0)              # one-signed rows: [0, τ]
 
 
+def test_lp_search_skew_rule_asymmetric_for_skewed_rows_only():
+    torch.manual_seed(0)
+    grid = torch.arange(1, 101) / 100
+    sym = torch.randn(2, 4000)                                     # symmetric: [−τ, τ] either way
+    lo, hi = lp_search_range(sym, 4, grid, skew=0.5)
+    assert torch.equal(torch.cat([lo, hi]), torch.cat(lp_search_range(sym, 4, grid)))
+    assert torch.allclose(-lo, hi)
+    silu = torch.nn.functional.silu(torch.randn(2, 4000) * 2)      # post-SiLU: min −0.28, max ~7
+    lo, hi = lp_search_range(silu, 4, grid, skew=0.5)
+    lo0, hi0 = lp_search_range(silu, 4, grid)                       # the official search: [−τ, τ]
+    assert torch.allclose(-lo0, hi0) and torch.all(-lo < 0.2 * hi)  # skewed: the zero point near the bottom
+    err = lambda r: (fake_quant(silu, *quant_params(*r, 4), 0, 15) - silu).pow(2).mean()
+    assert err((lo, hi)) < 0.5 * err((lo0, hi0))
+    lo1, hi1 = lp_search_range(silu.relu(), 4, grid, skew=0.5)       # one-signed: [0, τ] as before
+    assert torch.all(lo1 == 0) and torch.all(hi1 > 0)
+
+
+def test_first_last_layers_by_data_flow_on_both_unets():
+    from models.ddpm import CONFIGS
+    for name in ("ddpm-cifar10-small", "ddpm-cifar10"):            # the bundled and the paper's UNet
+        torch.manual_seed(0)
+        net = UNet(**CONFIGS[name]).eval()
+        names = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        assert names[0] == "temb.dense.0"                           # registration order starts elsewhere
+        x = torch.zeros(1, 3, 32, 32)
+        assert common.first_last_layers(net, x, torch.zeros(1)) == ("conv_in", "conv_out"), name
+        assert not any(m._forward_pre_hooks for m in net.modules())
+
+
 # ---- Wrappers
 
 def test_wrappers_off_are_exact_and_on_are_close():
@@ -501,6 +530,15 @@ def test_bundled_dit_is_the_trained_one():
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         trained, untrained = [(net(xt, t.float(), y) - eps).pow(2).mean().item() for net in nets]
     assert trained < 0.1 and untrained > 5 * trained, (trained, untrained)
+    # class conditioning is learned: at t >= 300 the true label predicts ε better than the null class
+    # (what CFG amplifies) and than a wrong label; an untrained or label-blind DiT gives ratios of ~1
+    t = torch.randint(300, 1000, (256,), generator=g)
+    a = linear_alphas_cumprod().float()[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    with torch.no_grad():
+        true, null, wrong = [(nets[0](xt, t.float(), c) - eps).pow(2).mean().item()
+                             for c in (y, torch.full_like(y, 10), (y + 1) % 10)]
+    assert null > 1.01 * true and wrong > 1.01 * true, (true, null, wrong)
 
 
 def test_qdit_bundled_dit_trains_exports_and_resumes(tmp_path, monkeypatch, capsys):
@@ -786,7 +824,7 @@ def test_weight_dilation_keeps_weight_ranges_and_the_layer():
     sat[W.reshape(16, 24, -1).amin(2).argmin(1)] = True
     assert (s[sat] == 1).all()
     # the wrapped layer with quantization off computes the float layer: (X/s) ⊛ (W·s) = X ⊛ W
-    qnet = dq.quantize(nn.Sequential(conv), w_bits=4, a_bits=4, sm_bits=8, T=3, first_last_8bit=False)
+    qnet = dq.quantize(nn.Sequential(conv), w_bits=4, a_bits=4, sm_bits=8, T=3, first_last="none")
     x = torch.randn(2, 24, 8, 8) * 3
     dq.switch(qnet, False)
     assert torch.allclose(qnet(x), conv(x), atol=1e-5, rtol=1e-5)
@@ -824,7 +862,7 @@ def tiny_unet_and_calib(T=4, n=32):
     return net, calib
 
 
-def test_one_bkd_step_reduces_the_block_loss():
+def test_bkd_steps_reduce_the_block_loss():
     import dilatequant as dq
     fp, calib = tiny_unet_and_calib()
     q = dq.quantize(fp, w_bits=4, a_bits=4, sm_bits=8, T=4)
@@ -844,12 +882,43 @@ def test_one_bkd_step_reduces_the_block_loss():
             return torch.nn.functional.mse_loss(block(*q_in), target).item()
 
     before = full_loss()
-    dq.distill_block(block, q_in, target, calib["idx"], iters=1, batch=len(target), lr_w=1e-5, lr_q=1e-4,
-                     generator=torch.Generator().manual_seed(0))
+    dq.distill_block(block, q_in, target, calib["idx"], iters=10, batch=len(target), lr_w=1e-5, lr_q=1e-4,
+                     lr_z=1e-2, generator=torch.Generator().manual_seed(0))
     after = full_loss()
     assert after < before, (before, after)
     assert dq.blocks_in_order(q)[:4] == ["temb.dense.0", "temb.dense.1", "conv_in", "down.0.block.0"]
     assert dq.blocks_in_order(q)[-1] == "conv_out"
+
+
+def test_first_last_rules_and_the_zero_point_learns():
+    import dilatequant as dq
+    fp, calib = tiny_unet_and_calib()
+    def bits(q, name):                                               # (weight bits, input bits or None)
+        layer = dict(q.named_modules())[name].layer
+        return layer.wq.bits, getattr(layer.aq, "bits", None)
+    q = dq.quantize(fp, w_bits=4, a_bits=4, sm_bits=8, T=4)          # default: by position, W8A8
+    assert bits(q, "conv_in") == (8, 8) and bits(q, "conv_out") == (8, 8)
+    assert bits(q, "temb.dense.0") == (4, 4)
+    q = dq.quantize(fp, w_bits=4, a_bits=4, sm_bits=8, T=4, first_last="official")    # registration order
+    assert bits(q, "conv_in") == (4, 4) and bits(q, "temb.dense.0") == (8, 4)
+    assert bits(q, "conv_out") == (8, None)
+    assert bits(q, "up.2.upsample.conv") == (4, 8)                   # a_list[-2]
+    # the zero points move in a few BKD steps at lr_z (in grid steps), not at the paper's 1e-4
+    q = dq.quantize(fp, w_bits=4, a_bits=4, sm_bits=8, T=4)
+    dq.init_tpq(q, calib, 4)
+    name = "down.0.block.0"
+    _, target = dq.block_io(fp, dict(fp.named_modules())[name], calib, 16, want_output=True)
+    dq.switch(q, True)
+    q_in, _ = dq.block_io(q, dict(q.named_modules())[name], calib, 16, want_output=False)
+    moved = {}
+    for lr_z in (1e-4, 1e-2):
+        block = copy.deepcopy(dict(q.named_modules())[name])
+        z0 = [m.zero.detach().clone() for m in block.modules() if isinstance(m, dq.TPQ)]
+        dq.distill_block(block, q_in, target, calib["idx"], iters=20, batch=16, lr_w=1e-5, lr_q=1e-4,
+                         lr_z=lr_z, generator=torch.Generator().manual_seed(0))
+        z1 = [m.zero for m in block.modules() if isinstance(m, dq.TPQ)]
+        moved[lr_z] = max((a - b).abs().max().item() for a, b in zip(z0, z1))
+    assert moved[1e-4] < 0.003 and moved[1e-2] > 0.05, moved
 
 
 def test_correlated_scale_makes_each_steps_projection_one():
@@ -877,16 +946,21 @@ def test_dilatequant_end_to_end_and_reload(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.load(open(tmp_path / "results.json"))
     m = rec["metrics"]
-    assert set(m) == {"fp", "ptq", "dilatequant"} and rec["config"]["bits"] == 4
+    assert set(m) == {"fp", "ptq", "dilatequant", "no_bkd"} and rec["config"]["bits"] == 4
     assert 0 < m["dilatequant"]["eps_mse"] < m["ptq"]["eps_mse"], m       # W4A4: beats naive min-max PTQ
     assert all((tmp_path / f"grid_{v}.png").is_file() for v in m) and (tmp_path / "compare.png").is_file()
-    r = run_cli("dilatequant.py", "--load", str(tmp_path / "dilatequant.safetensors"), "--n", "8",
-                "--eval-batch", "8", "--ref", "", "--out", str(tmp_path / "again"))
-    assert r.returncode == 0, r.stderr[-2000:]
-    again = json.load(open(tmp_path / "again" / "results.json"))["metrics"]["loaded"]
-    for k in ("eps_mse", "eps_mse_corrected", "psnr"):                # the saved model samples as it did
-        assert again[k] == pytest.approx(m["dilatequant"][k], rel=1e-5), k
-    assert again["eps_k"] == m["dilatequant"]["eps_k"] and not (tmp_path / "again" / "compare.png").exists()
+    for v in ("ptq", "dilatequant", "no_bkd"):     # each saved model, with only its file: samples as it did
+        r = run_cli("dilatequant.py", "--load", str(tmp_path / f"{v}.safetensors"), "--ref", "",
+                    "--out", str(tmp_path / v))
+        assert r.returncode == 0, r.stderr[-2000:]
+        rec = json.load(open(tmp_path / v / "results.json"))
+        again = rec["metrics"]["loaded"]
+        assert rec["config"]["steps"] == 4 and rec["config"]["n"] == 8
+        for k in ("eps_mse", "eps_mse_corrected", "psnr"):
+            assert again[k] == pytest.approx(m[v][k], rel=1e-5), (v, k)
+        assert again["eps_k"] == m[v]["eps_k"] and not (tmp_path / v / "compare.png").exists()
+    r = run_cli("dilatequant.py", "--load", str(tmp_path / "ptq.safetensors"), "--first-last", "official")
+    assert r.returncode == 2 and "was quantized with position; drop the flag" in r.stderr, r.stderr
 
 
 def test_dilatequant_bad_input_exit_2(tmp_path, monkeypatch, capsys):
@@ -894,7 +968,8 @@ def test_dilatequant_bad_input_exit_2(tmp_path, monkeypatch, capsys):
     tiny = os.path.join(FIX, "ddpm_tiny_original.safetensors")
     cases = [(["--bits", "9"], "--bits = 9: bits must be within 2..8"), (["--a-bits", "1"], "--a-bits = 1"),
              (["--ablate", "xyz"], "--ablate"), (["--steps", "1"], "--steps"), (["--calib", "4"], "--calib"),
-             (["--ckpt", tiny], "does not fit"), (["--load", tiny], "not a model saved by dilatequant")]
+             (["--ckpt", tiny], "does not fit"), (["--load", tiny], "not a model saved by dilatequant"),
+             (["--first-last", "first"], "--first-last"), (["--act-range", "wide"], "--act-range")]
     r = run_cli("dilatequant.py", *cases[0][0], "--out", str(tmp_path / "o"))   # one through the real CLI
     assert r.returncode == 2 and cases[0][1] in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     exits_2_in_process("dilatequant.py", dq.main, cases, tmp_path / "o", monkeypatch, capsys)  # in process
@@ -908,7 +983,8 @@ def test_tdac_counts_sum_to_n_and_follow_the_scores():
     # steps 0-2 share one feature (dense: each has 2 neighbours within r), step 3 is orthogonal to them
     # (unique: cos 0 with each): D = [2, 2, 2, 0], V = [1, 1, 1, 3]·B·h·w,
     # so D̃ = [1, 1, 1, 0], Ṽ = [0, 0, 0, 1]
-    B, h, w = 3, 2, 2
+    B = 3
+    h = w = 2
     Fk = torch.zeros(4, B, 2, h, w)
     Fk[:3, :, 0] = 1.0
     Fk[3, :, 1] = 1.0
@@ -940,7 +1016,8 @@ def test_tdac_counts_sum_to_n_and_follow_the_scores():
     # selection: n_k samples from step k, each trajectory used once while N <= B, labels t = seq[T_s − 1 − k]
     x = torch.arange(4 * 6, dtype=torch.float32).reshape(4, 6, 1, 1, 1).expand(4, 6, 3, 2, 2)   # [T, B, ...]
     calib = ed.select(x, [0, 10, 20, 30], torch.tensor([1, 0, 3, 2]), g)
-    k, b = (calib["x"][:, 0, 0, 0] // 6).long(), (calib["x"][:, 0, 0, 0] % 6).long()
+    k = (calib["x"][:, 0, 0, 0] // 6).long()
+    b = (calib["x"][:, 0, 0, 0] % 6).long()
     assert torch.equal(k, calib["idx"]) and sorted(b.tolist()) == list(range(6))
     assert torch.bincount(k, minlength=4).tolist() == [1, 0, 3, 2]
     assert calib["t"].tolist() == [[30.0, 20.0, 10.0, 0.0][i] for i in k.tolist()]
@@ -949,14 +1026,17 @@ def test_tdac_counts_sum_to_n_and_follow_the_scores():
 def test_adaround_starts_at_fp_and_ends_hard_after_reconstruction():
     import edadm as ed
     fp, calib = tiny_unet_and_calib(n=16)
-    q = ed.quantize(fp, 4, 8, 8, search=False)
+    # official placement: conv_in at W4, so down.0.block.0's input carries error for reconstruction to undo
+    # (with conv_in W8A8 its start loss is ~8x lower and 20 steps at lr_w 0.5 raise it)
+    q = ed.quantize(fp, 4, 8, 8, search=False, first_last="official")
     ed.init_acts(q, calib, search=False)
     acts = [m for m in q.modules() if isinstance(m, ed.ActQuant)]
     # every range set from the calibration pass
     assert all(m.delta.item() != 1.0 for m in acts)
     assert not any(m._forward_pre_hooks for m in acts)               # and the recording hooks removed
     name = "down.0.block.0"
-    block, fp_block = dict(q.named_modules())[name], dict(fp.named_modules())[name]
+    block = dict(q.named_modules())[name]
+    fp_block = dict(fp.named_modules())[name]
     layers = [m for m in block.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
     # h(V) = ρ: the soft weight is the FP weight
     for m in layers:
@@ -977,7 +1057,8 @@ def test_adaround_starts_at_fp_and_ends_hard_after_reconstruction():
     assert last < first
     changed = 0
     for m in layers:
-        wq, w = m.wq, m.weight
+        wq = m.wq
+        w = m.weight
         assert not wq.soft and not wq.V.requires_grad
         up = (wq(w) / wq.delta + wq.zero) - torch.floor(w / wq.delta) - wq.zero     # the rounding offset
         # offsets clamp at the grid ends
@@ -995,18 +1076,22 @@ def test_fbr_loss_equals_hand_computed_value_on_a_toy_block():
     from models.ddpm import ResnetBlock
     torch.manual_seed(0)
     net = nn.Sequential(ResnetBlock(4, 8, 6, 0.0, min_group=2)).eval().requires_grad_(False)
-    q = ed.quantize(net, 4, 8, 8, search=False, first_last_8bit=False)
+    q = ed.quantize(net, 4, 8, 8, search=False, first_last="none")
     # weights through AdaRound (soft h(V) = ρ: the FP weight), activations FP
     common.set_quant(q, True, False)
-    block, fb = q[0], net[0]
-    x, temb = torch.randn(5, 4, 3, 3), torch.randn(5, 6)
-    y_t, o_t = torch.randn(5, 8, 3, 3), [torch.randn(5, 8, 3, 3), torch.randn(5, 8), torch.randn(5, 8, 3, 3)]
+    block = q[0]
+    fb = net[0]
+    x = torch.randn(5, 4, 3, 3)
+    temb = torch.randn(5, 6)
+    y_t = torch.randn(5, 8, 3, 3)
+    o_t = [torch.randn(5, 8, 3, 3), torch.randn(5, 8), torch.randn(5, 8, 3, 3)]
     names = ed.inner_layers(block)
     assert names == ["conv1", "temb_proj", "conv2"]                  # nin_shortcut is the last: excluded
     # by hand: h1 = conv1(silu(norm1 x)), p = temb_proj(silu temb), h2 = conv2(silu(norm2(h1 + p))),
     # y = nin(x) + h2, each layer with the weight its quantizer gives at the start (soft AdaRound: the FP
     # weight up to the grid's ends)
-    F, silu = torch.nn.functional, torch.nn.functional.silu
+    F = torch.nn.functional
+    silu = F.silu
     W = {}
     for n in ("conv1", "temb_proj", "conv2", "nin_shortcut"):
         layer = getattr(block, n)
@@ -1031,12 +1116,32 @@ def test_fbr_loss_equals_hand_computed_value_on_a_toy_block():
 
 def test_edadm_quantizer_placement_and_units():
     import edadm as ed
-    fp, calib = tiny_unet_and_calib(n=8)
-    q = ed.quantize(fp, 4, 8, 8, search=False)
+    fp, calib = tiny_unet_and_calib(n=8)                              # the bundled UNet's structure
+    # W4A4, so that 8-bit layers stand out. position: conv_in and conv_out W8A8 (by data flow), the rest low
+    q = ed.quantize(fp, 4, 4, 8, search=False, first_last="position")
     mods = dict(q.named_modules())
-    assert (mods["temb.dense.0"].wq.bits == 8 and mods["conv_in"].wq.bits == 4
-            and mods["conv_out"].wq.bits == 8)
-    assert isinstance(mods["conv_out"].aq, nn.Identity)               # conv_out input stays FP, as official
+    for name in ("conv_in", "conv_out"):
+        assert mods[name].wq.bits == 8 and isinstance(mods[name].aq, ed.ActQuant) and mods[name].aq.bits == 8
+    assert mods["temb.dense.0"].wq.bits == 4 and mods["temb.dense.0"].aq.bits == 4
+    assert mods["up.2.upsample.conv"].wq.bits == 4 and mods["up.2.upsample.conv"].aq.bits == 4
+    # official (registration order): temb.dense.0 and conv_out weights at 8 bit, conv_out's input FP, and
+    # a_list[-2], the second-to-last layer registered (up.2.upsample.conv here), with an 8-bit input
+    names = [n for n, m in q.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    assert names[0] == "temb.dense.0" and names[-2:] == ["up.2.upsample.conv", "conv_out"]
+    off = dict(ed.quantize(fp, 4, 4, 8, search=False, first_last="official").named_modules())
+    assert (off["temb.dense.0"].wq.bits == 8 and off["conv_out"].wq.bits == 8 and off["conv_in"].wq.bits == 4
+            and off["temb.dense.0"].aq.bits == 4 and off["conv_in"].aq.bits == 4)
+    assert isinstance(off["conv_out"].aq, nn.Identity) and off["up.2.upsample.conv"].aq.bits == 8
+    acts8 = [n for n, m in off.items() if isinstance(m, ed.ActQuant) and m.bits == 8
+             and not n.endswith("act_softmax")]
+    assert acts8 == ["up.2.upsample.conv.aq"]                         # the only 8-bit activation
+    # none: every weight and activation at the requested bits, conv_out's input quantized too
+    low = dict(ed.quantize(fp, 4, 4, 8, search=False, first_last="none").named_modules())
+    assert all(m.wq.bits == 4 for m in low.values() if isinstance(m, (QuantConv2d, QuantLinear)))
+    assert {m.bits for n, m in low.items() if isinstance(m, ed.ActQuant) and "softmax" not in n} == {4}
+    assert isinstance(low["conv_out"].aq, ed.ActQuant)
+    with pytest.raises(UserError, match="--first-last 'last'"):
+        ed.quantize(fp, 4, 4, 8, search=False, first_last="last")
     sc = mods["up.1.block.0.nin_shortcut"]
     s = mods["up.1.block.0"].split
     assert isinstance(sc.aq, nn.Identity) and isinstance(mods["up.1.block.0"].shortcut_h, ed.ActQuant)
@@ -1071,13 +1176,24 @@ def test_edadm_end_to_end_and_reload(tmp_path, monkeypatch):
             and m["ptq"]["reconstruction"] is None)
     assert all((tmp_path / f"{v}.png").is_file()
                for v in ("grid_fp", "grid_ptq", "grid_brecq", "grid_edadm", "compare"))
-    monkeypatch.setattr(sys, "argv", ["edadm.py", "--load", str(tmp_path / "edadm.safetensors"), "--n", "8",
-                                      "--eval-batch", "8", "--ref", "", "--out", str(tmp_path / "again")])
-    ed.main()
-    assert not (tmp_path / "again" / "compare.png").exists()
-    again = json.load(open(tmp_path / "again" / "results.json"))["metrics"]["loaded"]
-    assert again["eps_mse"] == pytest.approx(m["edadm"]["eps_mse"], rel=1e-5)
-    assert again["psnr"] == pytest.approx(m["edadm"]["psnr"], rel=1e-5)
+    # every saved variant reloads to the ε-MSE it had before saving; the variants' values differ, so a file
+    # loaded into the wrong settings (or the wrong file) would not match. The file brings its model, steps
+    # and bits (--steps 4 and --bits 4 are not given here); --n, --eval-batch, --ref, --out are flags.
+    saved = sorted(f.stem for f in tmp_path.glob("*.safetensors"))
+    assert saved == ["brecq", "edadm", "ptq"]
+    eps = [m[v]["eps_mse"] for v in saved]
+    assert all(abs(eps[i] - eps[j]) > 1e-4 * eps[i] for i in range(3) for j in range(i)), eps
+    for v in saved:
+        argv = ["--load", str(tmp_path / f"{v}.safetensors"), "--n", "8", "--eval-batch", "8", "--ref", "",
+                "--out", str(tmp_path / v)]
+        monkeypatch.setattr(sys, "argv", ["edadm.py", *argv])
+        ed.main()
+        assert not (tmp_path / v / "compare.png").exists()
+        again = json.load(open(tmp_path / v / "results.json"))
+        assert again["config"]["steps"] == 4 and again["config"]["w_bits"] == 4, again["config"]
+        assert again["config"]["first_last"] == "position"
+        assert again["metrics"]["loaded"]["eps_mse"] == pytest.approx(m[v]["eps_mse"], rel=1e-6), v
+        assert again["metrics"]["loaded"]["psnr"] == pytest.approx(m[v]["psnr"], rel=1e-6), v
 
 
 def test_edadm_bad_input_exit_2(tmp_path, monkeypatch, capsys):
@@ -1090,7 +1206,23 @@ def test_edadm_bad_input_exit_2(tmp_path, monkeypatch, capsys):
              (["--ablate", "wd"], "--ablate"), (["--steps", "1"], "--steps"),
              (["--calib", "100000"], "--calib"), (["--gamma", "-1"], "--gamma"),
              (["--ckpt", os.path.join(FIX, "ddpm_tiny_original.safetensors")], "does not fit"),
-             (["--load", os.path.join(FIX, "ddpm_tiny_original.safetensors")], "not a model saved by edadm")]
+             (["--load", os.path.join(FIX, "ddpm_tiny_original.safetensors")], "not a model saved by edadm"),
+             (["--first-last", "first"], "--first-last 'first': choose from position, official, none")]
+    # saved files (settings only: each case stops before the weights are read): one from before --first-last,
+    # a flag against the settings that shaped the saved quantizers, a --model against the file's model
+    meta = dict(model="ddpm-cifar10-small", steps=4, bits=8, w_bits=4, a_bits=8, sm_bits=8, split=True,
+                first_last="position", seed=1234, adaround=True, tdac=True, fbr=True)
+    old = {k: v for k, v in meta.items() if k != "first_last"} | dict(first_last_8bit=True)
+    for name, m in (("new", meta), ("old", old)):
+        save_safetensors({"x": torch.zeros(1)}, str(tmp_path / f"{name}.safetensors"),
+                         metadata={"edadm": json.dumps(m)})
+    new = str(tmp_path / "new.safetensors")
+    old = str(tmp_path / "old.safetensors")
+    cases += [(["--load", old], "saved before --first-last existed"),
+              (["--load", new, "--first-last", "official"], "--first-last official: " + new),
+              (["--load", new, "--w-bits", "8"], "was quantized with 4; drop the flag"),
+              (["--load", new, "--bits", "4"], "--bits 4: "),
+              (["--load", new, "--model", "ddpm-cifar10"], "holds ddpm-cifar10-small; drop --model")]
     # the rest (no torch import each)
     exits_2_in_process("edadm.py", ed.main, cases, tmp_path / "o", monkeypatch, capsys)
 
@@ -1249,12 +1381,12 @@ def qdit_model(tmp_path, monkeypatch):
     return ["--ckpt", str(tmp_path / "tiny.safetensors")]
 
 
-def test_qdit_end_to_end_and_reload(tmp_path, monkeypatch):
+def test_qdit_end_to_end_and_reload(tmp_path, monkeypatch, capsys):
     ckpt = qdit_model(tmp_path, monkeypatch)
     small = ["--steps", "3", "--calib", "6", "--calib-batch", "3", "--calib-steps", "3", "--n", "6",
              "--eval-batch", "6", "--population", "4", "--topk", "2", "--crossover", "2", "--mutation", "2",
              "--epochs", "1", "--fit-n", "4", "--fit-steps", "2", "--fitness", "mse", "--group-size", "16",
-             "--space", "8,16,32", "--budget", "16", "--ref", "", *ckpt]
+             "--space", "8,16,32", "--budget", "16", "--ref", "", "--a-sym", *ckpt]
     monkeypatch.setattr(sys, "argv", ["qdit.py", *small, "--out", str(tmp_path / "o")])
     qdit.main()
     m = json.load(open(tmp_path / "o" / "results.json"))["metrics"]
@@ -1271,15 +1403,30 @@ def test_qdit_end_to_end_and_reload(tmp_path, monkeypatch):
                + [f"grid_{r}.png" for r in ladder] + [f"{r}.safetensors" for r in ladder])
     grid_w = Image.open(tmp_path / "o" / "grid_fp.png").size[0]
     assert Image.open(tmp_path / "o" / "compare.png").size[0] == 3 * grid_w + 2 * 8   # FP, RTN, Q-DiT panels
-    for load, rung in (("searched_config.json", "searched"), ("searched.safetensors", "loaded")):  # --load x2
-        monkeypatch.setattr(sys, "argv", ["qdit.py", *small, "--load", str(tmp_path / "o" / load),
+    carried = ("group_size", "w_sym", "a_sym", "include_zero", "quant_adaln", "gptq", "steps", "n", "seed")
+    assert {k: conf[k] for k in carried} == dict(group_size=16, w_sym=False, a_sym=True, include_zero=False,
+                                                 quant_adaln=True, gptq=True, steps=3, n=6, seed=0)
+    # --load every saved rung and searched_config.json with no settings given (the file's model and settings
+    # over its preset): the same figures as the rung that wrote it; a flag given (--calib) wins over the file
+    for load, rung, was in [(f"{r}.safetensors", "loaded", r) for r in ladder] + [
+            ("searched_config.json", "searched", "searched")]:
+        given = ["--calib", "5"] if load.endswith(".safetensors") else []   # calibration: unused by these
+        monkeypatch.setattr(sys, "argv", ["qdit.py", "--load", str(tmp_path / "o" / load), *given,
                                           "--out", str(tmp_path / load)])
         qdit.main()
-        again = json.load(open(tmp_path / load / "results.json"))["metrics"]
+        record = json.load(open(tmp_path / load / "results.json"))
+        again, c = record["metrics"], record["config"]
         assert set(again) >= {"fp", rung} and "rtn" not in again
         assert not (tmp_path / load / "compare.png").exists()
-        assert again[rung]["eps_mse"] == pytest.approx(m["searched"]["eps_mse"], rel=1e-5)
-        assert again[rung]["psnr"] == pytest.approx(m["searched"]["psnr"], rel=1e-5)
+        assert again[rung]["eps_mse"] == pytest.approx(m[was]["eps_mse"], rel=1e-6), load
+        assert again[rung]["psnr"] == pytest.approx(m[was]["psnr"], rel=1e-6), load
+        assert (again[rung]["mean_g"], again[rung]["act"], again[rung]["fid"]) == (
+            m[was]["mean_g"], m[was]["act"], m[was]["fid"]), load
+        assert (c["steps"], c["n"], c["group_size"], c["a_sym"], c["search"], c["calib"], c["space"]) == (
+            3, 6, 16, True, False, 5 if given else 6, qdit.PRESETS["dit-cifar10-small"]["space"]), load
+    capsys.readouterr()                                             # the runs' progress bars
+    bad = ["--load", str(tmp_path / "o" / "rtn.safetensors"), "--model", "dit-xl-2-256"]   # not the file's
+    exits_2_in_process("qdit.py", qdit.main, [(bad, "drop --model")], tmp_path / "x", monkeypatch, capsys)
 
 
 def test_qdit_latent_dit_samples_through_the_vae(tmp_path, monkeypatch):

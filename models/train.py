@@ -12,11 +12,12 @@ default, through the same strict path as the official checkpoints.
   DDPM, and Q-DiT samples with DDIM η = 0, which never reads it.
 
     python -m models.train --data ../shared/assets/cifar10-fragment.npz     # the bundled UNet
-    python -m models.train --model dit-cifar10-small                         # the bundled DiT
+    python -m models.train --model dit-cifar10-small --bf16 --compile        # the bundled DiT
     python -m models.train --data cifar-10-batches-py --steps 200000        # the full training set
 
 Data: an .npz with `train_images` (N, 32, 32, 3) uint8 (or `arr_0`) and, for the DiT, `train_labels`,
 or the official `cifar-10-batches-py` folder. Resumable: the state in --workdir is picked up again.
+--bf16 --compile (bfloat16 autocast, torch.compile) make a DiT step about 2× faster on a CPU with AMX.
 """
 import os
 import pickle
@@ -54,6 +55,8 @@ class Config:
     out: str = "models/ddpm_cifar10_small.safetensors"  # the exported EMA weights (fp16)
     init: str = ""  # warm start: net and EMA from exported weights, fresh Adam (a saved state wins)
     class_dropout: float = 0.1  # DiT: probability that a label is replaced by the null class (DiT: 0.1)
+    bf16: bool = False         # bfloat16 autocast of the forward pass (fp32 weights, Adam and EMA)
+    compile: bool = False      # torch.compile the network (needs a C++ compiler on a CPU)
 
 
 # The UNet keeps the defaults above. The DiT: Adam 3e-4 (DiT: AdamW 1e-4 at batch 256 and 33 M+ parameters),
@@ -145,6 +148,7 @@ def main():
     print(f"{cfg.model}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, "
           f"{len(images)} images, {cfg.steps - step} steps of {cfg.batch} on {device}")
 
+    fwd = torch.compile(net) if cfg.compile else net
     t0, bar = time.time(), tqdm(range(step, cfg.steps), initial=step, total=cfg.steps)
     for step in bar:
         # Algorithm 1: x_0 ~ data, t ~ U{0..999}, ε ~ N(0, I), step on ||ε − ε_θ(√ᾱ x_0 + √(1−ᾱ) ε, t)||²
@@ -161,9 +165,12 @@ def main():
             drop = torch.rand(cfg.batch, generator=gen) < cfg.class_dropout
             y = torch.where(drop, n_cls, labels[idx]).to(device)
             # ε channels (learn_sigma would add the variance)
-            loss = F.mse_loss(net(x_t, t.float(), y)[:, :3], eps)
+            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+                out = fwd(x_t, t.float(), y)[:, :3]
         else:
-            loss = F.mse_loss(net(x_t, t.float()), eps)
+            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+                out = fwd(x_t, t.float())
+        loss = F.mse_loss(out.float(), eps)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         opt.zero_grad(set_to_none=True)
