@@ -12,7 +12,8 @@ al., CVPR 2025, arXiv 2406.17343; official code github.com/Juanerx/Q-DiT @519d24
 One run climbs the paper's ablation ladder on one calibration set and sampling noise: FP; naive RTN (per-row
 weights, per-tensor static activations); fixed g, static; fixed g, dynamic; the searched g. Out: a table,
 results.json, each rung's grid and state, compare.png, searched_config.json. A state or searched_config.json
-carries its model and run settings (CARRIED); --load takes that model's preset, then these, then flags given.
+carries its model and run settings (CARRIED); --load takes that model's preset, then these, then flags given
+(except a saved rung's quantizer settings: a flag contradicting them is an error).
 
     python qdit.py                                # bundled DiT, quick preset with a small search (2-core CPU)
     python qdit.py --no-search --group-size 32    # the fixed-g ladder only
@@ -499,7 +500,7 @@ def check_config(cfg):
 def read_load(cfg):
     """--load: (config, searched, loaded, state): searched_config.json gives searched (its g, no search), a
     rung's .safetensors its rung (loaded) and state. The config is parsed again with the file's model and
-    CARRIED settings between that model's preset and the flags given."""
+    CARRIED settings between that model's preset and the flags given; a rung's quantizer flags are fixed."""
     if not cfg.load:
         return cfg, None, None, None
     searched = loaded = st = None
@@ -513,6 +514,10 @@ def read_load(cfg):
     else:
         st, loaded = load_saved(cfg.load, "qdit")   # its rung and settings are in the file's metadata
     cfg = parse_config(Config, PRESETS, saved={k: v for k, v in (searched or loaded).items() if k in CARRIED})
+    for k in ("w_bits", "a_bits", "w_sym", "a_sym", "include_zero") if loaded else ():   # fixed by the state
+        if k in loaded and getattr(cfg, k) != loaded[k]:
+            raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: {cfg.load} was quantized with "
+                            f"{loaded[k]}; drop the flag")
     cfg.search = False
     return cfg, searched, loaded, st
 

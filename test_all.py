@@ -1426,7 +1426,9 @@ def test_qdit_end_to_end_and_reload(tmp_path, monkeypatch, capsys):
             3, 6, 16, True, False, 5 if given else 6, qdit.PRESETS["dit-cifar10-small"]["space"]), load
     capsys.readouterr()                                             # the runs' progress bars
     bad = ["--load", str(tmp_path / "o" / "rtn.safetensors"), "--model", "dit-xl-2-256"]   # not the file's
-    exits_2_in_process("qdit.py", qdit.main, [(bad, "drop --model")], tmp_path / "x", monkeypatch, capsys)
+    sym = ["--load", str(tmp_path / "o" / "rtn.safetensors"), "--no-a-sym"]               # nor its quantizers
+    exits_2_in_process("qdit.py", qdit.main, [(bad, "drop --model"), (sym, "was quantized with True; drop")],
+                       tmp_path / "x", monkeypatch, capsys)
 
 
 def test_qdit_latent_dit_samples_through_the_vae(tmp_path, monkeypatch):
