@@ -160,16 +160,13 @@ def main():
         eps = torch.randn(x0.shape, generator=gen).to(device)
         a = abar[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        args = (x_t, t.float())
         # label dropout: the null class n_cls trains the unconditional ε of classifier-free guidance
         if is_dit:
             drop = torch.rand(cfg.batch, generator=gen) < cfg.class_dropout
-            y = torch.where(drop, n_cls, labels[idx]).to(device)
-            # ε channels (learn_sigma would add the variance)
-            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
-                out = fwd(x_t, t.float(), y)[:, :3]
-        else:
-            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
-                out = fwd(x_t, t.float())
+            args += (torch.where(drop, n_cls, labels[idx]).to(device),)
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+            out = fwd(*args)[:, :3]                                 # ε channels (learn_sigma: + the variance)
         loss = F.mse_loss(out.float(), eps)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
