@@ -4,13 +4,11 @@ Shared pieces of the three method files (dilatequant.py, edadm.py, qdit.py).
 - Uniform fake quantization with a straight-through estimator, per tensor / output channel / input-channel
   group; min-max ranges, the L_p (p = 2.4) clipping search, a learnable step (LSQ); QuantConv2d /
   QuantLinear made from a float layer with `from_float`, `replace_modules`, first/last layer by data flow.
-- Checkpoints: a table of the official files, cached download with a hash check, safetensors read and
-  written by hand, strict loading with a one-line error.
-- Diffusion: DDPM's linear β schedule and DDIM (Song et al. 2021, arXiv 2010.02502) over the DDIM code's
-  "uniform"/"quad" and DiT's "even" step sequences, with the (x_t, t, step) trajectory.
-- Evaluation and run plumbing: held-out ε-MSE points from FP trajectories, ε-MSE, PSNR, FID when the
-  Inception is cached, peak memory; dataclass -> CLI, flag checks, seeding, JSON record, PNG grids side
-  by side, the results table, one-line errors with exit code 2.
+- Checkpoints: official files, cached download, hash check, safetensors by hand, strict loading.
+- Diffusion: DDPM's linear β schedule, DDIM (Song et al. 2021, arXiv 2010.02502) over the DDIM code's
+  "uniform"/"quad", DiT's "even" and LDM's step sequences, with the (x_t, t, step) trajectory.
+- Evaluation and run plumbing: points from FP trajectories, ε-MSE, PSNR, FID when possible, peak memory;
+  dataclass -> CLI, checks, seeding, JSON record, PNG grids, the results table, one-line errors (exit 2).
 """
 import argparse, contextlib, dataclasses, hashlib, inspect, itertools, json, math, os, platform, random, re
 import resource, subprocess, sys, time, urllib.request
@@ -92,8 +90,7 @@ def lp_search_range(rows, bits, grid, p=2.4, skew=0.0):
         err = (xq - rows).abs().pow(p).mean(1, keepdim=True)      # [R, 1]
         better = err < best
         best = torch.where(better, err, best)
-        best_lo = torch.where(better, lo, best_lo)
-        best_hi = torch.where(better, hi, best_hi)
+        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
     return best_lo, best_hi
 
 
@@ -147,17 +144,18 @@ class QuantLinear(nn.Module):
         return F.linear(x, self.wq(self.weight) if self.quant_w else self.weight, self.bias)
 
 
-class QuantConv2d(nn.Module):
+class QuantConv2d(nn.Module):  # from an nn.Conv2d, or an nn.Conv1d (LDM's AttentionBlock)
     @classmethod
     def from_float(cls, layer, wq=None, aq=None):
         assert layer.padding_mode == "zeros", "only zero padding is supported"
         m = _wrap(cls(), layer, wq, aq)
+        m.conv = F.conv1d if isinstance(layer, nn.Conv1d) else F.conv2d
         m.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
         return m
 
     def forward(self, x):
         x = self.aq(x) if self.quant_a else x
-        return F.conv2d(x, self.wq(self.weight) if self.quant_w else self.weight, self.bias, *self.conv_args)
+        return self.conv(x, self.wq(self.weight) if self.quant_w else self.weight, self.bias, *self.conv_args)
 
 
 def replace_modules(model, predicate, make, prefix=""):
@@ -202,10 +200,10 @@ CHECKPOINTS = {
     # The project's own small models (models/train.py), shipped in the repository: the defaults.
     "ddpm-cifar10-small": ("models/ddpm_cifar10_small.safetensors", None, None),
     "dit-cifar10-small": ("models/dit_cifar10_small.safetensors", None, None),
-    # DDPM CIFAR-10 EMA (Ho et al.) as converted by pesser/pytorch_diffusion: ermongroup/ddim layout.
+    # DDPM CIFAR-10 EMA (Ho et al.) as converted by pesser/pytorch_diffusion (ermongroup/ddim layout), and
     "ddpm-cifar10": ("https://heibox.uni-heidelberg.de/f/2e4f01e2d9ee49bab1d5/?dl=1",
                      "md5:1fa350b952534ae442b1d5235cce5cd3", "ema_diffusion_cifar10_model/model-790000.ckpt"),
-    # The same network in the diffusers layout (models/ddpm.py: from_diffusers).
+    # the same network in the diffusers layout (models/ddpm.py: from_diffusers).
     "ddpm-cifar10-diffusers": ("https://huggingface.co/google/ddpm-cifar10-32/resolve/main/"
                                "diffusion_pytorch_model.safetensors", None,
                                "google-ddpm-cifar10-32.safetensors"),
@@ -324,9 +322,8 @@ def load_state_dict(path, metadata=False):
     except Exception as e:  # torch raises many types for a corrupt or pickled-code file
         raise UserError(f"{path}: not a readable weights-only PyTorch checkpoint "
                         f"({str(e).splitlines()[0][:120]})") from None
-    sd = obj
-    if isinstance(obj, dict):                                       # the weights inside a training checkpoint
-        sd = next((obj[k] for k in ("ema", "state_dict", "model") if k in obj), obj)
+    inner = [obj[k] for k in ("ema", "state_dict", "model") if isinstance(obj, dict) and k in obj]
+    sd = (inner or [obj])[0]                                        # the weights inside a training checkpoint
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise UserError(f"{path}: holds no state dict of tensors")
     return (sd, {}) if metadata else sd
@@ -366,11 +363,11 @@ def linear_alphas_cumprod(T=1000, beta_start=1e-4, beta_end=0.02):
 
 
 def ddim_timesteps(kind, steps, T=1000):
-    """The ascending timesteps of an S-step sampler. "uniform": 0, T/S, 2T/S, … and "quad":
+    """The ascending timesteps of an S-step sampler. "uniform": 0, T/S, 2T/S, …, "ldm": 1, T/S + 1, …, "quad":
     int(linspace(0, √(0.8 T), S)²) (ermongroup/ddim; it ends at t = 800 and repeats small t: a step is named
     by its position, never by t); "even": round(k (T−1)/(S−1)) (facebookresearch/DiT space_timesteps)."""
-    if kind == "uniform":
-        return list(range(0, T, T // steps))[:steps]
+    if kind in ("uniform", "ldm"):  # "ldm": the same + 1 (CompVis ldm/modules/diffusionmodules/util.py)
+        return [t + (kind == "ldm") for t in range(0, T, T // steps)][:steps]
     if kind == "quad":
         return [int(s) for s in np.linspace(0, np.sqrt(T * 0.8), steps) ** 2]
     if kind == "even":  # repeated float addition, not k·stride: they round apart for 283 of S = 2..1000
@@ -380,12 +377,13 @@ def ddim_timesteps(kind, steps, T=1000):
 
 @torch.no_grad()
 def ddim_sample(eps_fn, x, seq, alphas_cumprod, *, eta=0.0, generator=None, before_step=None,
-                trajectory=False, progress=False):
-    """DDIM (Song et al. 2021, Eq. 12) from x = x_T down the timesteps `seq` to x_0.
+                trajectory=False, progress=False, final_abar=1.0):
+    """DDIM (Song et al. 2021, Eq. 12) from x = x_T down the timesteps `seq` to x_0, no clipping.
     eps_fn(x_t, t) predicts ε (t: float tensor [B]). Step i pairs t = seq[i] with t_prev = seq[i−1]
-    (ᾱ = 1 below seq[0]); before_step(i) runs first, e.g. to select per-step quantizer rows.
+    (ᾱ = final_abar below seq[0]: 1, or ᾱ_0 in CompVis ldm/models/diffusion/ddim.py); before_step(i) runs
+    first, e.g. to select per-step quantizer rows; η > 0 draws from `generator` (None: the global RNG).
     With trajectory=True also returns [(x_t, t, i), ...] in sampling order (x_t on the CPU)."""
-    abar = lambda t: 1.0 if t < 0 else alphas_cumprod[t].item()
+    abar = lambda t: final_abar if t < 0 else alphas_cumprod[t].item()
     traj = []
     for i in tqdm(range(len(seq) - 1, -1, -1), desc="ddim", disable=not progress, leave=False):
         t, a, a_prev = seq[i], abar(seq[i]), abar(seq[i - 1] if i > 0 else -1)
@@ -405,17 +403,23 @@ def ddim_sample(eps_fn, x, seq, alphas_cumprod, *, eta=0.0, generator=None, befo
 # Evaluation shared by the method files: held-out ε-MSE points, ε-MSE, PSNR, FID when possible, memory
 
 @torch.no_grad()
-def held_out(eps_fn, noise, seq, alphas_cumprod, generator, *, n=512, labels=None):
-    """The ε-MSE points: n inputs (x, t, idx[, y]) at random from the DDIM trajectories of eps_fn from
-    `noise` (the sampling noise, never the calibration noise; labels [B]: each keeps its trajectory's y)."""
-    _, traj = ddim_sample(eps_fn, noise, seq, alphas_cumprod, trajectory=True)
+def held_out(eps_fn, noise, seq, alphas_cumprod, generator, *, n=512, labels=None, **sampler):
+    """n inputs (x, t, idx[, y]) at random from the DDIM trajectories of eps_fn from `noise` (labels [B]:
+    each keeps its trajectory's y; sampler: more ddim_sample arguments; n = None: all, in order): the ε-MSE
+    points from the sampling noise, or calibration points from other noise."""
+    _, traj = ddim_sample(eps_fn, noise, seq, alphas_cumprod, trajectory=True, **sampler)
     data = dict(x=torch.cat([x for x, _, _ in traj]),
                 t=torch.cat([torch.full((len(x),), float(t)) for x, t, _ in traj]),
                 idx=torch.cat([torch.full((len(x),), i) for x, _, i in traj]))
     if labels is not None:
         data["y"] = labels.cpu().repeat(len(traj))
-    pick = torch.randperm(len(data["x"]), generator=generator)[:n]
+    pick = torch.randperm(len(data["x"]), generator=generator)[:n] if n else torch.arange(len(data["x"]))
     return {k: v[pick].to(noise.device) for k, v in data.items()}
+
+
+def net_args(d, b=slice(None)):
+    """The network's inputs for chunk b of a data dict: x, t and, for a class-conditional model, y."""
+    return [d["x"][b], d["t"][b]] + ([d["y"][b]] if "y" in d else [])
 
 
 @torch.no_grad()
@@ -439,11 +443,9 @@ def psnr(x, ref):
 def fid_or_none(images, ref):
     """FID of `images` against the statistics `ref` (eval_fid.py), or None with a note when there is no
     reference or no cached Inception: a missing metric, not a failed run."""
-    if not ref:
-        return None
     try:
         import eval_fid
-        return eval_fid.fid_to_reference(images, ref)["fid"]
+        return eval_fid.fid_to_reference(images, ref)["fid"] if ref else None
     except UserError as e:
         print(f"FID skipped: {e}")
         return None
@@ -451,9 +453,8 @@ def fid_or_none(images, ref):
 
 def peak_mb(device):
     """Peak memory so far: CUDA allocations on a GPU, the process's peak RSS on the CPU (Linux: KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 # -----------------------------------------------------------------------------

@@ -12,13 +12,13 @@ BienLuky/EDA-DM). Three parts, in the order of the paper and of this file:
     the TPQ tables.
 
 One run compares, on the same calibration data and sampling noise: FP, naive min-max PTQ (the floor),
-DilateQuant, and the ablations of Table 3 asked for (default: no_bkd, WD and TPQ without training). It
-prints a table and writes results.json, a grid per variant, compare.png (FP | naive PTQ | DilateQuant) and
-each quantized model with the settings it needs (sample it again with --load).
+DilateQuant, and Table 3's ablations asked for (default: no_bkd). It prints a table and writes results.json,
+a grid per variant, compare.png (FP | naive PTQ | DilateQuant) and the quantized models (see --load).
 
     python dilatequant.py --bits 4                          # bundled model, quick preset (2-core CPU)
     python dilatequant.py --bits 4 --ablate wd,tpq,bkd      # + Table 3's ablations
     python dilatequant.py --model ddpm-cifar10 --bits 4     # the paper's setting (GPU; --ref for FID)
+    python dilatequant.py --model ldm-lsun-church --ckpt model.ckpt --bits 4   # LDM-8 LSUN-Church (GPU)
     python dilatequant.py --load runs/dilatequant/dilatequant.safetensors   # sample a saved model again
 
 Expected result of `python dilatequant.py --bits 4` (bundled 1.1 M-parameter CIFAR-10 UNet, DDIM-20, 2-core
@@ -48,8 +48,9 @@ Where this differs from the paper or the official code:
 - both LRs cosine-annealed to 0 over each block's iterations, as EDA-DM's qdiff/block_recon.py; the paper
   gives no schedule
 - weight ranges min-max per output channel (the only range WD keeps exactly; EDA-DM searches by MSE)
-- blocks as Q-Diffusion/BRECQ split them (ResnetBlock, AttnBlock, resampling, lone layers), 5000
-  iterations each (the paper gives 5K iterations, not how blocks are cut): --iters
+- blocks as Q-Diffusion/BRECQ split them (ResnetBlock, AttnBlock, resampling, lone layers; LDM: ResBlock,
+  AttentionBlock, BasicTransformerBlock), 5000 iterations each (the paper gives 5K, not the cut): --iters
+- LDM attention: a TPQ row per step and head; a guided batch's two halves share the step's row
 """
 import copy
 import json
@@ -62,13 +63,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (QuantConv2d, QuantLinear, Quantizer, UserError, check_bits, ddim_sample, ddim_timesteps,
-                    fake_quant, fid_or_none, first_last_layers, held_out, linear_alphas_cumprod, load_saved,
-                    load_strict, lp_search_range, minmax_range, parse_config, parse_list, peak_mb,
-                    pick_device, predict, print_table, psnr, replace_modules, resolve_bits, round_ste,
-                    run_main, save_grid, save_panels, save_safetensors, seed_everything, set_quant,
-                    write_record)
-from models.ddpm import AttnBlock, Downsample, ResnetBlock, Upsample, load_unet
+from common import (QuantConv2d, QuantLinear, Quantizer, UserError, check_bits, fake_quant, fid_or_none,
+                    first_last_layers, load_saved, load_strict, lp_search_range, minmax_range,
+                    net_args, parse_config, parse_list, peak_mb, pick_device, predict, print_table, psnr,
+                    replace_modules, resolve_bits, round_ste, run_main, save_grid, save_panels,
+                    save_safetensors, seed_everything, set_quant, write_record)
+from models import in_order, ldm, load_model
+from models.ddpm import AttnBlock, Downsample, ResnetBlock, Upsample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -78,8 +79,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @dataclass
 class Config:
-    """DilateQuant (arXiv 2409.14307) on a DDPM UNet: FP vs naive PTQ vs DilateQuant in one run."""
-    model: str = "ddpm-cifar10-small"  # ddpm-cifar10-small (bundled, offline) or ddpm-cifar10 (the paper's)
+    """DilateQuant (arXiv 2409.14307) on a DDPM or LDM UNet: FP vs naive PTQ vs DilateQuant in one run."""
+    model: str = "ddpm-cifar10-small"  # bundled (offline), ddpm-cifar10 or an LDM (ldm-lsun-church, ...)
     ckpt: str = ""                 # weights file for --model (default: the model's own checkpoint)
     bits: int = 4                  # W and A bits (paper: W4A4, W6A6)
     w_bits: int = 0                # weight bits, overrides --bits (0: use --bits)
@@ -88,11 +89,14 @@ class Config:
     first_last: str = "position"   # W8A8 first/last layers: position (conv_in, conv_out), official or none
     act_range: str = "skewed"      # TPQ start: skewed (asymmetric for skewed inputs) or symmetric (official)
     split: bool = True             # shortcut split: two TPQ tables for cat([h, skip]) of up-path shortcuts
-    steps: int = 100               # DDIM steps, quad sequence, eta 0 (EDA-DM's CIFAR-10 setting) = TPQ rows T
+    steps: int = 100               # DDIM steps (DDPM: quad sequence; LDM: uniform) = TPQ rows T
+    eta: float = 0.0               # DDIM η (EDA-DM's settings: 0; LDM-4 LSUN-Bedroom 1.0)
+    cfg_scale: float = 1.0         # classifier-free guidance of a class-conditional LDM (cin256-v2: 3.0)
     calib: int = 5120              # calibration samples (x_t, t, step), random over FP trajectories (paper)
     calib_traj: int = 256          # FP trajectories the calibration samples are drawn from
     iters: int = 5000              # BKD iterations per block (paper: 5K; per block as in EDA-DM)
     batch: int = 32                # BKD batch size (paper: 32)
+    cpu_cache: bool = False        # keep BKD's cached block inputs/outputs on the CPU in fp16 (LDM presets)
     lr_q: float = 1e-4             # Adam LR of Δ_w and Δ_x^t (paper: 1e-4 for Δ and z)
     lr_z: float = 1e-2             # Adam LR of the zero points z_x^t, in grid steps (paper: 1e-4)
     lr_w: float = 1e-5             # Adam LR of the weights (paper: 1e-2, destructive on raw weights)
@@ -108,11 +112,16 @@ class Config:
 
 
 # Defaults follow the model: the paper's settings for its checkpoint, a preset sized for a 2-core CPU
-# (<= 10 min for `--bits 4`) for the bundled one. Flags given on the command line win.
+# (<= 10 min for `--bits 4`) for the bundled one. Flags given on the command line win. LDMs: EDA-DM's sampler
+# settings (the official README: "the same as EDA-DM"), 5120 points, BKD caches on the CPU in fp16.
+LDM = dict(calib=5120, calib_traj=64, iters=5000, n=50000, eval_batch=50, ref="", cpu_cache=True)
 PRESETS = {
     "ddpm-cifar10-small": dict(steps=20, calib=512, calib_traj=64, iters=160, n=256, eval_batch=64,
                                ref=os.path.join(HERE, "models", "cifar10_fragment_train_stats.npz")),
     "ddpm-cifar10": dict(steps=100, calib=5120, calib_traj=256, iters=5000, n=50000, eval_batch=500, ref=""),
+    "ldm-lsun-bedroom": dict(steps=200, eta=1.0, **LDM),
+    "ldm-lsun-church": dict(steps=500, **LDM),
+    "ldm-cin256-v2": dict(LDM, steps=20, cfg_scale=3.0, calib_traj=256),
 }
 
 
@@ -162,7 +171,8 @@ class Dilated(nn.Module):
     def __init__(self, layer, s):
         super().__init__()
         self.layer = layer
-        self.register_buffer("s", s.view((1, -1, 1, 1) if isinstance(layer, QuantConv2d) else (-1,)))
+        dims = layer.weight.dim() - 2                                # 2: Conv2d, 1: Conv1d, 0: Linear (last)
+        self.register_buffer("s", s.view((1, -1) + (1,) * dims if isinstance(layer, QuantConv2d) else (-1,)))
 
     def forward(self, x):
         return self.layer(x * self.s.reciprocal())                   # a product: division is 3x slower on CPU
@@ -176,7 +186,8 @@ class TPQ(nn.Module):
     Q(x) = Δ_x^t (clip(round(x/Δ_x^t) + z_x^t, 0, 2^b − 1) − z_x^t). Each sample gathers the row of its
     own step index `t_idx` (Eq. 14), so a mini-batch may mix steps and every row in it gets gradients.
     The index is the position in the sampler's sequence, set by set_step(); with T = 1 every step
-    shares row 0 (ablation and naive PTQ). Heads are folded into the batch, b-major ([B·H, ...])."""
+    shares row 0 (ablation and naive PTQ). Heads (LDM attention) have their own rows and are folded into
+    the batch, b-major ([B·H, ...]), as the matmul inputs they quantize."""
 
     def __init__(self, bits, T, heads=1):
         super().__init__()
@@ -188,6 +199,7 @@ class TPQ(nn.Module):
         if not self.on:
             return x
         idx = self.t_idx if len(self.delta) > 1 else torch.zeros_like(self.t_idx)
+        idx = idx.expand(x.shape[0] // self.delta.shape[1])           # one index [1]: the whole batch's step
         shape = (-1,) + (1,) * (x.dim() - 1)
         delta, zero = self.delta[idx].reshape(shape), self.zero[idx].reshape(shape)   # [B·H, 1, ...]
         qmax = 2 ** self.bits - 1
@@ -244,34 +256,36 @@ def switch(model, on):
 # The quantized model: every conv/linear (per-out-channel weights, TPQ inputs) and the attention
 # matmul inputs; norms, SiLU, softmax itself, residuals and resampling stay FP.
 
-def special_layers(q, rule):
+def special_layers(q, rule, example):
     """(layers with 8-bit weights, with 8-bit inputs, with FP inputs) of the first/last-layer `rule`.
     "position", the papers' "first and last layers at 8 bit": the layer that reads x_t (conv_in) and the
     one that writes ε (conv_out), found by data flow (common.first_last_layers), at W8A8. "official":
     BienLuky/EDA-DM qdiff/quant_model.py (set_first_last_layer_to_8bit, disable_network_output_quantization)
     in registration order: 8-bit weights of the first and last layers (temb.dense.0, conv_out, so x_t is
     read at the low bit width), conv_out's input FP, the second-to-last layer's input (a_list[-2]) at
-    8 bit. "none": all at the requested bits."""
-    names = [n for n, m in q.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    8 bit. "none": all at the requested bits. example: the network's inputs for one traced forward."""
+    names = [n for n, m in q.named_modules() if isinstance(m, LAYERS)]
     if rule == "official":
         return {names[0], names[-1]}, {names[-2]}, {names[-1]}
     if rule == "none":
         return set(), set(), set()
-    device = next(q.parameters()).device
-    x = torch.zeros(1, 3, q.resolution, q.resolution, device=device)
-    ends = set(first_last_layers(q, x, torch.zeros(1, device=device)))
+    ends = set(first_last_layers(q, *example))
     return ends, ends, set()
 
 
-def quantize(fp, *, w_bits, a_bits, sm_bits, T, wd=True, split=True, first_last="position", steps=None):
+LAYERS = (nn.Conv2d, nn.Conv1d, nn.Linear)  # quantized: every conv (LDM's AttentionBlock: Conv1d) and linear
+
+
+def quantize(fp, *, w_bits, a_bits, sm_bits, T, example, wd=True, split=True, first_last="position",
+             steps=None):
     """A copy of `fp` with fake quantizers. Per layer: s from the FP weights (when wd), W <- W·s, then
     the weight range, which WD leaves as it was; TPQ ranges come later, from X/s (init_tpq). T: TPQ rows
     (1 or the sampler's steps); steps: the sampler's steps, one ε-scale correction k_t each (default T);
-    first_last: which layers stay at 8 bit (special_layers)."""
+    first_last: which layers stay at 8 bit (special_layers, traced on the inputs `example`)."""
     q = copy.deepcopy(fp)
-    splits = {f"{n}.nin_shortcut": m.split for n, m in q.named_modules()
-              if isinstance(m, ResnetBlock) and m.split}
-    w8, a8, a_fp = special_layers(q, first_last)
+    splits = {f"{n}.{'nin_shortcut' if isinstance(m, ResnetBlock) else 'skip_connection'}": m.split  # LDM
+              for n, m in q.named_modules() if isinstance(m, (ResnetBlock, ldm.ResBlock)) and m.split}
+    w8, a8, a_fp = special_layers(q, first_last, example)
 
     def make(name, layer):
         aq = None                                                    # no input quantizer: FP input
@@ -286,14 +300,15 @@ def quantize(fp, *, w_bits, a_bits, sm_bits, T, wd=True, split=True, first_last=
         layer.weight.data = dilate(W, s)                             # W <- W·s
         wq = Quantizer(8 if name in w8 else w_bits, "channel", include_zero=True)
         wq.set_range(*minmax_range(wq.rows(layer.weight.data)))      # min-max per out channel: Δ_w as pre-WD
-        wrap = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
+        wrap = QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d
         return Dilated(wrap.from_float(layer, wq.make_learnable(), aq), s)
 
-    replace_modules(q, lambda n, m: isinstance(m, (nn.Conv2d, nn.Linear)), make)
-    for m in q.modules():                                            # QK^T and softmax·V inputs
-        if isinstance(m, AttnBlock):
-            m.act_q, m.act_k, m.act_v = TPQ(a_bits, T), TPQ(a_bits, T), TPQ(a_bits, T)
-            m.act_softmax = TPQ(sm_bits, T)
+    replace_modules(q, lambda n, m: isinstance(m, LAYERS), make)
+    for m in q.modules():                      # QK^T and softmax·V inputs of every attention (DDPM, LDM)
+        if hasattr(m, "act_softmax"):
+            h = getattr(m, "num_heads", getattr(m, "heads", 1))     # LDM: one row per head
+            m.act_q, m.act_k, m.act_v = TPQ(a_bits, T, h), TPQ(a_bits, T, h), TPQ(a_bits, T, h)
+            m.act_softmax = TPQ(sm_bits, T, h)
     q.register_buffer("eps_k", torch.ones(steps or T))              # ε̂ / k_t, ones until measured
     return q.to(next(fp.parameters()).device)                        # the new Δ, z tables join fp's device
 
@@ -341,7 +356,7 @@ def init_tpq(q, calib, T, search=True, batch=256, skew=SKEW):
         for m in tpqs:
             seen[m] = []
         for b in sel.split(batch):
-            q(calib["x"][b], calib["t"][b])
+            q(*net_args(calib, b))
         ranges.append([row_range(m.bits, seen[m], search, skew) for m in tpqs])
     for h in hooks:
         h.remove()
@@ -354,20 +369,20 @@ def init_tpq(q, calib, T, search=True, batch=256, skew=SKEW):
 # Calibration data: FP sampling trajectories, samples drawn at random across steps (data-free)
 
 @torch.no_grad()
-def calibration_set(fp, seq, abar, *, n, trajectories, batch, generator):
-    """`n` random (x_t, t, step index) from `trajectories` FP DDIM trajectories, as the official README's
-    random sampling (EDA-DM chooses how many per step instead)."""
-    xs, ts, idxs = [], [], []
-    noise = torch.randn(trajectories, 3, 32, 32, generator=generator).to(next(fp.parameters()).device)
-    for xb in tqdm(noise.split(batch), desc="FP trajectories", leave=False):
-        _, traj = ddim_sample(fp, xb, seq, abar, trajectory=True)
-        for x, t, i in traj:
-            xs.append(x)
-            ts.append(torch.full((len(x),), float(t)))
-            idxs.append(torch.full((len(x),), i))
-    x, t, idx = torch.cat(xs), torch.cat(ts), torch.cat(idxs)
-    pick = torch.randperm(len(x), generator=generator)[:n]
-    return {k: v[pick].to(noise.device) for k, v in dict(x=x, t=t, idx=idx).items()}
+def calibration_set(d, fp, seq, *, n, trajectories, batch, eta, cfg_scale, generator):
+    """`n` random (x_t, t, step index[, class]) from `trajectories` FP DDIM trajectories of the model `d`
+    (random classes; under guidance also the unconditional inputs), as the official README's random sampling
+    (EDA-DM chooses how many per step instead)."""
+    noise = torch.randn(trajectories, *d.shape, generator=generator).to(next(fp.parameters()).device)
+    labels, parts = d.labels(trajectories, generator), []
+    for i in tqdm(range(0, trajectories, batch), desc="FP trajectories", leave=False):
+        y = None if labels is None else labels[i:i + batch]
+        part = d.points(fp, noise[i:i + batch], seq, generator, labels=y, eta=eta, cfg_scale=cfg_scale,
+                        n=None)
+        parts.append(d.with_uncond(part, cfg_scale))
+    data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    pick = torch.randperm(len(data["x"]), generator=generator)[:n]
+    return {k: v[pick] for k, v in data.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -377,40 +392,36 @@ class _Stop(Exception):
     pass
 
 
-def blocks_in_order(model):
-    """The distillation units in execution order (the Q-Diffusion/BRECQ split): each ResnetBlock, AttnBlock,
-    Down/Upsample, and each quantized layer outside them (conv_in, temb.dense, conv_out)."""
-    units = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, (ResnetBlock, AttnBlock, Downsample, Upsample))]
-    units += [(n, m) for n, m in model.named_modules()
-              if isinstance(m, Dilated) and not any(n.startswith(u + ".") for u, _ in units)]
-    order = []
-    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: order.append(n)) for n, m in units]
-    device = next(model.parameters()).device
-    set_step(model, torch.zeros(1, dtype=torch.long, device=device))
-    with torch.no_grad():
-        x = torch.zeros(1, 3, model.resolution, model.resolution, device=device)
-        model(x, torch.zeros(1, device=device))
-    for h in hooks:
-        h.remove()
-    return list(dict.fromkeys(order))
+# The blocks of the Q-Diffusion/BRECQ split. DDPM: ResnetBlock, AttnBlock, Down/Upsample; LDM: ResBlock (also
+# with up/down), AttentionBlock, SpatialTransformer's BasicTransformerBlock (its proj_in/out: lone layers)
+BLOCKS = (ResnetBlock, AttnBlock, Downsample, Upsample, ldm.ResBlock, ldm.AttentionBlock, ldm.Downsample,
+          ldm.BasicTransformerBlock)
+
+
+def blocks_in_order(model, example):
+    """The distillation units in execution order, traced on the inputs `example`: each block of BLOCKS and
+    each quantized layer outside them (DDPM: conv_in, temb.dense, conv_out; LDM: time_embed, out.2, ...)."""
+    set_step(model, torch.zeros(1, dtype=torch.long, device=example[0].device))
+    return in_order(model, example, BLOCKS, Dilated)
 
 
 @torch.no_grad()
-def block_io(model, block, calib, batch, want_output):
-    """The inputs (and output) of `block` over the calibration set; the forward stops at the block."""
+def block_io(model, block, calib, batch, want_output, cpu_cache=False):
+    """The inputs (and output) of `block` over the calibration set; the forward stops at the block. With
+    cpu_cache they are kept on the CPU in fp16 (an LDM's 5120 inputs of one block: up to 2.5 GB each)."""
     ins, outs = [], []
+    keep = (lambda a: a.detach().to("cpu", torch.float16)) if cpu_cache else (lambda a: a.detach())
 
     def hook(m, args, out):
-        ins.append([a.detach() for a in args])
-        outs.append(out.detach() if want_output else None)
+        ins.append([keep(a) for a in args])
+        outs.append(keep(out) if want_output else None)
         raise _Stop
 
     h = block.register_forward_hook(hook)
     for b in torch.arange(len(calib["x"])).split(batch):
         set_step(model, calib["idx"][b])
         try:
-            model(calib["x"][b], calib["t"][b])
+            model(*net_args(calib, b))
         except _Stop:
             pass
     h.remove()
@@ -432,11 +443,12 @@ def distill_block(block, q_in, target, t_idx, *, iters, batch, lr_w, lr_q, lr_z,
     opt = torch.optim.Adam([dict(params=weights, lr=lr_w), dict(params=deltas, lr=lr_q),
                             dict(params=zeros, lr=lr_z)])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0)
-    losses = []
+    losses, device = [], t_idx.device
     for _ in range(iters):
-        b = torch.randint(len(target), (batch,), generator=generator).to(target.device)
-        set_step(block, t_idx[b])
-        loss = F.mse_loss(block(*[a[b] for a in q_in]), target[b])  # MSE(B̂_k(q_in), B_k(fp_in))
+        b = torch.randint(len(target), (batch,), generator=generator)
+        set_step(block, t_idx[b.to(device)])
+        fetch = lambda a: a[b.to(a.device)].to(device, torch.float32)  # noqa: E731  (from a CPU cache too)
+        loss = F.mse_loss(block(*map(fetch, q_in)), fetch(target))     # MSE(B̂_k(q_in), B_k(fp_in))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -452,15 +464,15 @@ def distill_block(block, q_in, target, t_idx, *, iters, batch, lr_w, lr_q, lr_z,
     return (losses[0], losses[-1]) if losses else (None, None)
 
 
-def bkd(fp, q, calib, cfg, generator):
+def bkd(fp, q, calib, cfg, example, generator):
     """Block k = 1..K in execution order: the target is the FP network's block-k output, the input the
     quantized network's own block-k input (the already distilled prefix: Eq. 15's B̂_k∘…∘B̂_1)."""
     fp_mods, q_mods = dict(fp.named_modules()), dict(q.named_modules())
     switch(q, True)
     log = []
-    for name in tqdm(blocks_in_order(q), desc="BKD"):
-        _, target = block_io(fp, fp_mods[name], calib, cfg.eval_batch, want_output=True)   # FP block output
-        q_in, _ = block_io(q, q_mods[name], calib, cfg.eval_batch, want_output=False)      # quantized prefix
+    for name in tqdm(blocks_in_order(q, example), desc="BKD"):
+        _, target = block_io(fp, fp_mods[name], calib, cfg.eval_batch, True, cfg.cpu_cache)  # FP output
+        q_in, _ = block_io(q, q_mods[name], calib, cfg.eval_batch, False, cfg.cpu_cache)     # quantized input
         first, last = distill_block(q_mods[name], q_in, target, calib["idx"], iters=cfg.iters,
                                     batch=cfg.batch, lr_w=cfg.lr_w, lr_q=cfg.lr_q, lr_z=cfg.lr_z,
                                     generator=generator)
@@ -488,7 +500,7 @@ def correlated_scale(q, calib, eps_fp, T, batch=256):
     num, den = torch.zeros(T, dtype=torch.float64), torch.zeros(T, dtype=torch.float64)
     for b in torch.arange(len(calib["x"])).split(batch):
         set_step(q, calib["idx"][b])
-        e_q, e = q(calib["x"][b], calib["t"][b]).flatten(1), eps_fp[b].flatten(1)
+        e_q, e = q(*net_args(calib, b)).flatten(1), eps_fp[b].flatten(1)
         row = calib["idx"][b].cpu()
         num.index_add_(0, row, (e_q * e).sum(1).double().cpu())
         den.index_add_(0, row, (e * e).sum(1).double().cpu())
@@ -496,10 +508,9 @@ def correlated_scale(q, calib, eps_fp, T, batch=256):
 
 
 def denoiser(q):
-    """ε̂(x_t, t) / k_t at the step index given to set_step (k_t = 1: uncorrected)."""
-    def eps(x, t):
-        k = q.eps_k[q.t_idx]
-        return q(x, t) / k.view(-1, 1, 1, 1)
+    """ε̂(x_t, t[, y]) / k_t at the step index given to set_step (k_t = 1: uncorrected)."""
+    def eps(*args):
+        return q(*args) / q.eps_k[q.t_idx].view(-1, 1, 1, 1)
     return eps
 
 
@@ -512,23 +523,17 @@ def eps_of(net, quantized):
     def eps(d):
         if quantized:
             set_step(net, d["idx"])
-        return net(d["x"], d["t"])
+        return net(*net_args(d))
     return eps
 
 
-@torch.no_grad()
-def sample(net, noise, seq, abar, *, quantized, batch):
-    """DDIM samples from `noise`, `batch` at a time; a quantized model runs step i on TPQ row i, ε̂/k_i."""
-    out = []
-    for xb in tqdm(noise.split(batch), desc="sampling", leave=False):
-        if not quantized:
-            out.append(ddim_sample(net, xb, seq, abar).cpu())
-            continue
-
-        def step(i, n=len(xb), device=xb.device):
-            set_step(net, torch.full((n,), i, device=device))
-        out.append(ddim_sample(denoiser(net), xb, seq, abar, before_step=step).cpu())
-    return torch.cat(out)
+def sample(d, net, noise, seq, *, labels, quantized, cfg):
+    """Images decoded from DDIM samples of the model `d` from `noise` (labels: their classes, or None); a
+    quantized model runs step i on TPQ row i (both halves of a guided batch), ε̂/k_i."""
+    def step(k):
+        set_step(net, torch.full((1,), k, device=noise.device))
+    return d.images(denoiser(net) if quantized else net, noise, seq, labels=labels, eta=cfg.eta,
+                    cfg_scale=cfg.cfg_scale, batch=cfg.eval_batch, before_step=step if quantized else None)
 
 
 def scores(q, x, *, fp_x, held, eps_ref, cfg):
@@ -561,34 +566,33 @@ def check_config(cfg):
     if cfg.first_last not in ("position", "official", "none") or cfg.act_range not in ("skewed", "symmetric"):
         raise UserError(f"--first-last {cfg.first_last!r} / --act-range {cfg.act_range!r}: choose position, "
                         "official or none / skewed or symmetric")
-    if not 2 <= cfg.steps <= 1000:
-        raise UserError(f"--steps {cfg.steps}: the quad DDIM sequence needs 2..1000 steps")
+    if not 2 <= cfg.steps <= 1000 or cfg.eta < 0:
+        raise UserError(f"--steps {cfg.steps} / --eta {cfg.eta}: DDIM needs 2..1000 steps and η >= 0")
     if not cfg.batch <= cfg.calib <= cfg.calib_traj * cfg.steps:
         raise UserError(f"--calib {cfg.calib} must lie in [--batch {cfg.batch}, --calib-traj x --steps = "
                         f"{cfg.calib_traj * cfg.steps}] (the FP trajectories hold that many points)")
     return w_bits, a_bits, ["ptq", "dilatequant"] + [ABLATIONS[a] for a in ablate]
 
 
-def train_variant(fp, v, *, cfg, w_bits, a_bits, calib, calib_eps, generator):
+def train_variant(fp, v, *, cfg, w_bits, a_bits, calib, calib_eps, example, generator):
     """One quantized model of the comparison from the VARIANTS entry v: quantize (with or without WD),
     initialise the TPQ rows, distil block by block (when v["bkd"]), then measure k_t. Returns (q, BKD log)."""
     T = cfg.steps if v["tpq"] else 1
-    q = quantize(fp, w_bits=w_bits, a_bits=a_bits, sm_bits=cfg.sm_bits, T=T, wd=v["wd"], split=cfg.split,
-                 first_last=cfg.first_last, steps=cfg.steps)
+    q = quantize(fp, w_bits=w_bits, a_bits=a_bits, sm_bits=cfg.sm_bits, T=T, example=example, wd=v["wd"],
+                 split=cfg.split, first_last=cfg.first_last, steps=cfg.steps)
     skew = SKEW if cfg.act_range == "skewed" else 0.0
     init_tpq(q, calib, T, search=v["search"], batch=cfg.eval_batch, skew=skew)
-    log = bkd(fp, q, calib, cfg, generator) if v["bkd"] else None
+    log = bkd(fp, q, calib, cfg, example, generator) if v["bkd"] else None
     switch(q, True)
     if cfg.eps_correct:
         q.eps_k.copy_(correlated_scale(q, calib, calib_eps, len(q.eps_k), cfg.eval_batch))
     return q, log
 
 
-def load_variant(fp, state, saved, cfg):
-    """A quantized model saved by this file (state dict, its config `saved`, already in cfg), no training."""
+def load_variant(fp, state, saved, cfg, example):  # a model save_variant wrote, its settings in cfg
     T = cfg.steps if saved["tpq"] else 1
-    q = quantize(fp, w_bits=saved["w_bits"], a_bits=saved["a_bits"], sm_bits=cfg.sm_bits, T=T, wd=saved["wd"],
-                 split=cfg.split, first_last=cfg.first_last, steps=cfg.steps)
+    q = quantize(fp, w_bits=saved["w_bits"], a_bits=saved["a_bits"], sm_bits=cfg.sm_bits, T=T,
+                 example=example, wd=saved["wd"], split=cfg.split, first_last=cfg.first_last, steps=cfg.steps)
     device = next(fp.parameters()).device
     return load_strict(q, {k: v.to(device) for k, v in state.items()}, cfg.load)
 
@@ -620,24 +624,28 @@ def main():
     seed_everything(cfg.seed)
     device, t_start = pick_device(cfg.device), time.time()
     os.makedirs(cfg.out, exist_ok=True)
-    fp = load_unet(cfg.model, cfg.ckpt or None).to(device).requires_grad_(False)
-    seq, abar = ddim_timesteps("quad", cfg.steps), linear_alphas_cumprod()
+    d = load_model(cfg.model, cfg.ckpt or None, cfg_scale=cfg.cfg_scale)
+    fp = d.net.to(device).requires_grad_(False)
+    d.decode.to(device)
+    seq, example = d.timesteps(cfg.steps), d.example(device)
     g = torch.Generator().manual_seed(cfg.seed)                         # held-out points, calibration, BKD
-    noise = torch.randn(cfg.n, 3, 32, 32, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
-    print(f"{cfg.model}, W{w_bits}A{a_bits} (softmax {cfg.sm_bits}), DDIM-{cfg.steps} quad, "
+    noise = torch.randn(cfg.n, *d.shape, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
+    labels = d.labels(cfg.n)
+    print(f"{cfg.model}, W{w_bits}A{a_bits} (softmax {cfg.sm_bits}), DDIM-{cfg.steps} η {cfg.eta}, "
           f"{cfg.calib} calibration samples, {cfg.iters} BKD iterations/block, N = {cfg.n}, {device}")
 
     # FP: reference samples, and held-out ε-MSE points from its own trajectories (not the calibration ones)
     t0 = time.time()
-    fp_x = sample(fp, noise, seq, abar, quantized=False, batch=cfg.eval_batch)
-    held = held_out(fp, noise[:64], seq, abar, g)                       # 512 points
+    fp_x = sample(d, fp, noise, seq, labels=labels, quantized=False, cfg=cfg)
+    held = d.points(fp, noise[:64], seq, g, labels=None if labels is None else labels[:64], eta=cfg.eta,
+                    cfg_scale=cfg.cfg_scale)                            # 512 points
     eps_ref = predict(eps_of(fp, quantized=False), held, cfg.eval_batch)
     results = {"fp": dict(eps_mse=0.0, psnr=None, fid=fid_or_none(fp_x, cfg.ref), seconds=time.time() - t0,
                           peak_mb=peak_mb(device))}
     save_grid(fp_x[:64], os.path.join(cfg.out, "grid_fp.png"))
     if not saved:
-        calib = calibration_set(fp, seq, abar, n=cfg.calib, trajectories=cfg.calib_traj, batch=cfg.eval_batch,
-                                generator=g)
+        calib = calibration_set(d, fp, seq, n=cfg.calib, trajectories=cfg.calib_traj, batch=cfg.eval_batch,
+                                eta=cfg.eta, cfg_scale=cfg.cfg_scale, generator=g)
         calib_eps = predict(eps_of(fp, quantized=False), calib, cfg.eval_batch)   # ε_FP, for k_t
 
     samples = {}
@@ -646,12 +654,12 @@ def main():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if saved:
-            q, log = load_variant(fp, state, saved, cfg), None
+            q, log = load_variant(fp, state, saved, cfg, example), None
         else:
             q, log = train_variant(fp, VARIANTS[name], cfg=cfg, w_bits=w_bits, a_bits=a_bits, calib=calib,
-                                   calib_eps=calib_eps, generator=g)
+                                   calib_eps=calib_eps, example=example, generator=g)
         switch(q, True)
-        x = sample(q, noise, seq, abar, quantized=True, batch=cfg.eval_batch)
+        x = sample(d, q, noise, seq, labels=labels, quantized=True, cfg=cfg)
         results[name] = scores(q, x, fp_x=fp_x, held=held, eps_ref=eps_ref, cfg=cfg) | dict(
             seconds=time.time() - t0, peak_mb=peak_mb(device), eps_k=q.eps_k.tolist(), bkd=log)
         samples[name] = x[:32]

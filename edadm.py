@@ -1,7 +1,7 @@
 """
 EDA-DM: Enhanced Distribution Alignment for post-training quantization of diffusion models (Liu, Li, Xiao,
 Chen, Li & Gu, arXiv 2401.04585; official code github.com/BienLuky/EDA-DM, built on Q-Diffusion and BRECQ).
-A BRECQ/Q-Diffusion PTQ pipeline for a DDPM UNet with the paper's two changes (paper Sec. III):
+A BRECQ/Q-Diffusion PTQ pipeline for a DDPM or LDM UNet with the paper's two changes (paper Sec. III):
 
   TDAC, Temporal Distribution Alignment Calibration: how many calibration samples each sampler step gets,
       from a density score D (how many other steps have similar middle-block features) and a variety
@@ -10,25 +10,18 @@ A BRECQ/Q-Diffusion PTQ pipeline for a DDPM UNet with the paper's two changes (p
       activation steps (QDrop on), trained on L = d(block output) + γ·Σ_l d(output of layer l inside).
 
 One run compares, on the same sampling noise: FP, naive min-max PTQ (the floor), a Q-Diffusion/BRECQ-style
-baseline (uniform calibration over steps, block-output loss only), EDA-DM, and the ablations asked for
-(--ablate tdac: uniform calibration + FBR; --ablate fbr: TDAC + block loss only). It prints a table and
-writes results.json, a PNG grid per variant, compare.png (FP | naive PTQ | BRECQ-style | EDA-DM) and each
-quantized model's state (sample it again with --load).
+baseline (uniform calibration, block-output loss), EDA-DM, and the ablations asked for (--ablate tdac,fbr).
+It prints a table and writes results.json, grids, compare.png and the quantized models (see --load).
 
     python edadm.py --w-bits 4 --a-bits 8                    # bundled model, quick preset (2-core CPU)
-    python edadm.py --bits 8 --ablate tdac,fbr               # W8A8 + both ablations
     python edadm.py --model ddpm-cifar10 --w-bits 4 --a-bits 8 --ref cifar10_train_stats.npz   # the paper's
+    python edadm.py --model ldm-lsun-church --ckpt model.ckpt --w-bits 4 --a-bits 8   # LDM-8 Church (GPU)
     python edadm.py --load runs/edadm/edadm.safetensors      # sample a saved model again
 
 Expected result of `python edadm.py --w-bits 4 --a-bits 8` (bundled model, 2-core CPU, ~5-6 min; FID of
-N = 192 samples against the bundled CIFAR-10 statistics, FP's own FID 163.53):
-
-    W4A8            eps-MSE vs FP   PSNR vs FP (dB)   FID
-    naive PTQ       0.04149         19.67             212.05
-    BRECQ-style     0.02681         22.18             171.14
-    EDA-DM          0.02871         22.85             175.95
-
-EDA-DM is ahead on PSNR, behind the BRECQ-style baseline on ε-MSE and FID.
+N = 192 samples against the bundled CIFAR-10 statistics, FP's own FID 163.53), ε-MSE / PSNR vs FP / FID:
+    naive PTQ 0.04149 / 19.67 dB / 212.05;  BRECQ-style 0.02681 / 22.18 dB / 171.14;
+    EDA-DM 0.02871 / 22.85 dB / 175.95: ahead on PSNR, behind the BRECQ-style baseline on ε-MSE and FID.
 
 Where this differs from the paper or the official code:
 - Bundled-model preset: DDIM-10, N = 96 from B = 48 trajectories, 30 iterations/unit, 192 samples (paper:
@@ -37,15 +30,15 @@ Where this differs from the paper or the official code:
   "dense"; 3.0 on ddpm-cifar10 (official scripts/calibration.py, TDAC_cifar_calib_data_generator): --radius.
 - Counts n_k by largest remainder, not the official round-then-repair (at most 1 apart per step); a constant
   D or V normalises to 0 where the official min-max divides by zero.
+- LDM: N = 1024 from B = 64 trajectories reused (one step each per pass) and scored; the official LDM scripts
+  sample 16 × 64 fresh trajectories and score the first 64. Cached unit data on the CPU in fp16: --cpu-cache.
 - The papers' "first and last layers at 8 bit" by position in the network: conv_in and conv_out, 8-bit
   weights and inputs (common.first_last_layers). The official code (qdiff/quant_model.py,
-  QuantModel.set_first_last_layer_to_8bit, disable_network_output_quantization) picks by registration
-  order: 8-bit temb.dense.0 and conv_out weights, conv_out's input FP, and an 8-bit input on a_list[-2],
-  the second-to-last layer registered (up.3.upsample.conv on the paper's model, up.2.upsample.conv on the
-  bundled one): --first-last official (none: every layer at the requested bits).
-- Shortcut split on, as in every official script: --split.
-- AdaRound's rounding regulariser off, as in the official code (round_loss 'none'): --round-reg.
-- lr_w / lr_a by weight bits: the official CIFAR-10 W8A8 pair at 8 bit, its W4A8 pair below: --lr-w, --lr-a.
+  set_first_last_layer_to_8bit, disable_network_output_quantization) picks by registration order: 8-bit
+  temb.dense.0 and conv_out weights, conv_out's input FP, an 8-bit input on a_list[-2], the second-to-last
+  layer registered: --first-last official (none: every layer at the requested bits).
+- Shortcut split and no AdaRound regulariser, as every official script: --split, --round-reg.
+- lr_w / lr_a by model and weight bits as the official scripts (LRS): --lr-w, --lr-a.
 - FBR's layer outputs ô_l come from the same quantized forward as ŷ (one QDrop draw); the official code runs
   the block again for them (qdiff/block_recon.py, block_reconstruction).
 - Activation L_p search per calibration batch on the extremes and a 16k random subsample, not the whole tensor
@@ -64,13 +57,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (QuantConv2d, QuantLinear, UserError, check_bits, ddim_sample, ddim_timesteps, eps_mse,
-                    fake_quant, fid_or_none, first_last_layers, held_out, linear_alphas_cumprod, load_saved,
-                    load_strict, lp_search_range, minmax_range, parse_config, parse_list, peak_mb,
-                    pick_device, predict, print_table, psnr, quant_params, replace_modules, resolve_bits,
-                    run_main, save_grid, save_panels, save_safetensors, seed_everything, set_quant,
-                    write_record)
-from models.ddpm import AttnBlock, ResnetBlock, load_unet
+from common import (QuantConv2d, QuantLinear, UserError, check_bits, eps_mse, fake_quant, fid_or_none,
+                    first_last_layers, load_saved, load_strict, lp_search_range, minmax_range,
+                    net_args, parse_config, parse_list, peak_mb, pick_device, predict, print_table, psnr,
+                    quant_params, replace_modules, resolve_bits, run_main, save_grid, save_panels,
+                    save_safetensors, seed_everything, set_quant, write_record)
+from models import in_order, ldm, load_model
+from models.ddpm import AttnBlock, ResnetBlock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -80,8 +73,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @dataclass
 class Config:
-    """EDA-DM (arXiv 2401.04585) on a DDPM UNet: FP vs naive PTQ vs BRECQ-style vs EDA-DM in one run."""
-    model: str = "ddpm-cifar10-small"  # ddpm-cifar10-small (bundled, offline) or ddpm-cifar10 (the paper's)
+    """EDA-DM (arXiv 2401.04585) on a DDPM or LDM UNet: FP, naive PTQ, BRECQ-style, EDA-DM in one run."""
+    model: str = "ddpm-cifar10-small"  # bundled (offline), ddpm-cifar10 or an LDM (ldm-lsun-church, ...)
     ckpt: str = ""                 # weights file for --model (default: the model's own checkpoint)
     bits: int = 8                  # W and A bits (the official scripts run W8A8 and W4A8)
     w_bits: int = 0                # weight bits, overrides --bits (0: use --bits)
@@ -89,7 +82,9 @@ class Config:
     sm_bits: int = 8               # bits of the softmax-probability input of attention (official: 8)
     first_last: str = "position"   # 8-bit layers: position (conv_in, conv_out: W8A8), official, none
     split: bool = True             # shortcut split: own quantizers for both halves of cat([h, skip])
-    steps: int = 100               # DDIM steps, quad sequence, eta 0 (official CIFAR-10: 100)
+    steps: int = 100               # DDIM steps, DDPM: quad sequence (official CIFAR-10: 100); LDM: uniform
+    eta: float = 0.0               # DDIM η (official: 0; LDM-4 LSUN-Bedroom 1.0)
+    cfg_scale: float = 1.0         # classifier-free guidance of a class-conditional LDM (cin256-v2: 3.0)
     calib: int = 1024              # N, calibration samples (official CIFAR-10: 1024)
     calib_traj: int = 1024         # B, FP trajectories behind them (official: 1024; N > B reuses them)
     lam: float = 1.2               # λ, weight of the variety score against density (official --lamda)
@@ -97,6 +92,7 @@ class Config:
     gamma: float = 0.8             # γ, weight of the layer losses in FBR (official --add_loss: 0.8)
     iters: int = 5000              # reconstruction iterations per unit (official: 5000)
     batch: int = 32                # reconstruction batch (official: 32)
+    cpu_cache: bool = False        # keep the units' cached inputs/outputs on the CPU in fp16 (LDM presets)
     lr_w: float = 0.0              # Adam LR of the rounding variables (0: official, 5e-2 at W8, 5e-1 below)
     lr_a: float = 0.0              # Adam LR of the activation steps (0: official, 1e-3 at W8, 5e-4 below)
     qdrop: float = 0.5             # QDrop: probability that an element is quantized while its unit trains
@@ -111,18 +107,22 @@ class Config:
     load: str = ""                 # a saved quantized model (.safetensors from --out): FP vs it, no PTQ
 
 
-# Defaults follow the model: the official settings for the paper's checkpoint; for the bundled one a preset
-# sized for a 2-core CPU (<= 10 min for `--w-bits 4 --a-bits 8` on one thread): DDIM-10, 96 calibration
-# samples from 48 trajectories, 30 iterations per unit, 192 samples. r is scale dependent: at r = 3.0 nearly
-# every pair of the bundled model's 10 steps is "dense" (D = 8-9 everywhere); r = 0.2 gives D = 0 at both
-# ends and a peak mid-trajectory, the shape of the official method figure (assets/struction.png), and
-# counts 0.4-1.6x the mean (the figure: 3-18 around 10.24). γ stays 0.8 here: on this model the layer terms
-# raise ε-MSE at every γ tried (README).
+# Defaults follow the model: the official settings for the paper's checkpoint and the LDMs (scripts/for_*.sh:
+# sampler, N = 1024, r, λ, γ, iterations, lr_w / lr_a in LRS); for the bundled one a preset for a 2-core CPU
+# (<= 10 min for `--w-bits 4 --a-bits 8`). Its r = 0.2 gives D = 0 at both ends and a peak mid-trajectory,
+# the official figure's shape (assets/struction.png; r = 3.0: D = 8-9 everywhere), counts 0.4-1.6x the mean
+# (the figure: 3-18 around 10.24). γ stays 0.8: on it the layer terms raise ε-MSE at every γ tried (README).
+LDM = dict(calib=1024, calib_traj=64, n=50000, eval_batch=50, ref="", cpu_cache=True)
 PRESETS = {
     "ddpm-cifar10-small": dict(steps=10, calib=96, calib_traj=48, iters=30, n=192, eval_batch=64, radius=0.2,
                                ref=os.path.join(HERE, "models", "cifar10_fragment_train_stats.npz")),
     "ddpm-cifar10": dict(steps=100, calib=1024, calib_traj=1024, iters=5000, n=50000, eval_batch=500, ref=""),
+    "ldm-lsun-bedroom": dict(steps=200, eta=1.0, radius=0.3, lam=1.0, gamma=1.0, iters=5000, **LDM),
+    "ldm-lsun-church": dict(steps=500, radius=0.3, lam=1.0, gamma=1.0, iters=5000, **LDM),
+    "ldm-cin256-v2": dict(steps=20, cfg_scale=3.0, radius=3.0, lam=1.2, gamma=0.8, iters=1000, **LDM),
 }
+LRS = {"ddpm": ((5e-2, 1e-3), (5e-1, 5e-4)), "ldm-lsun-bedroom": ((5e-4, 1e-4), (1e-2, 5e-3)),
+       "ldm-lsun-church": ((5e-2, 1e-4), (5e-2, 1e-4)), "ldm-cin256-v2": ((1e-4, 1e-3), (5e-1, 1e-4))}
 FIRST_LAST = ("position", "official", "none")   # --first-last choices (quantize)
 GRID = [i / 100 for i in range(1, 101)]  # the L_p search's 100 clipping ratios (official perform_1D_search)
 ZETA = 1.1                               # rectified sigmoid's stretch (AdaRound, official AdaRoundQuantizer)
@@ -147,8 +147,7 @@ class AdaRound(nn.Module):
         self.soft = False
         self.V = None
         O = w.shape[0]
-        deltas = []
-        zeros = []
+        deltas, zeros = [], []
         for part in ([w] if not split else [w[:, :split], w[:, split:]]):
             rows = part.reshape(O, -1)                                # [O, I·K]
             lo, hi = lp_search_range(rows, bits, GRID) if search else minmax_range(rows)
@@ -214,15 +213,22 @@ def switch(model, on):
             m.on = on
 
 
-def quantize(fp, w_bits, a_bits, sm_bits, *, search, split=True, first_last="position"):
+LAYERS = (nn.Conv2d, nn.Conv1d, nn.Linear)  # quantized: every conv (LDM's AttentionBlock: Conv1d) and linear
+
+
+def shortcut(name, block):  # the 1×1 conv that reads a split block's cat([h, skip]): DDPM / LDM naming
+    return f"{name}.{'nin_shortcut' if isinstance(block, ResnetBlock) else 'skip_connection'}"
+
+
+def quantize(fp, w_bits, a_bits, sm_bits, *, search, example, split=True, first_last="position"):
     """A copy of `fp` where every conv/linear quantizes its weight per output channel and its input per
     tensor, and the attention matmul inputs q, k, v, softmax(qkᵀ) are quantized at the hook points (official
     qdiff/quant_block.py, QuantAttnBlock). Split up-path shortcuts: the two halves are quantized at the
     block's shortcut_h/shortcut_skip hooks (so nin_shortcut itself gets no input quantizer) and its weight
     halves get their own ranges. Weight ranges are set here from the weights alone (official
     set_weight_quantize_params gets the same). The layers kept at 8 bit, by first_last:
-      "position": the first layer by data flow and the last (common.first_last_layers on the UNet `fp`:
-          conv_in and conv_out), 8-bit weights and 8-bit inputs;
+      "position": the first layer by data flow and the last (common.first_last_layers, `fp` traced on the
+          inputs `example`: conv_in and conv_out), 8-bit weights and 8-bit inputs;
       "official" (qdiff/quant_model.py, QuantModel.set_first_last_layer_to_8bit and
           disable_network_output_quantization): the first and last weight quantizers in registration order
           at 8 bit (temb.dense.0 and conv_out), conv_out's input FP, and an 8-bit input on a_list[-2], the
@@ -232,14 +238,12 @@ def quantize(fp, w_bits, a_bits, sm_bits, *, search, split=True, first_last="pos
     if first_last not in FIRST_LAST:
         raise UserError(f"--first-last {first_last!r}: choose from {', '.join(FIRST_LAST)}")
     q = copy.deepcopy(fp)
-    names = [n for n, m in q.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    splits = {f"{n}.nin_shortcut": m.split for n, m in q.named_modules()
-              if split and isinstance(m, ResnetBlock) and m.split and hasattr(m, "nin_shortcut")}
+    names = [n for n, m in q.named_modules() if isinstance(m, LAYERS)]
+    splits = {shortcut(n, m): m.split for n, m in q.named_modules()
+              if split and isinstance(m, (ResnetBlock, ldm.ResBlock)) and m.split and shortcut(n, m) in names}
     w8 = a8 = fp_in = set()                          # 8-bit weights, 8-bit inputs, FP inputs
     if first_last == "position":
-        device = next(fp.parameters()).device
-        w8 = a8 = set(first_last_layers(fp, torch.zeros(1, 3, fp.resolution, fp.resolution, device=device),
-                                        torch.zeros(1, device=device)))
+        w8 = a8 = set(first_last_layers(fp, *example))
     elif first_last == "official":
         w8 = {names[0], names[-1]}
         a8 = {names[-2]}                             # a_list[-2]
@@ -250,19 +254,19 @@ def quantize(fp, w_bits, a_bits, sm_bits, *, search, split=True, first_last="pos
 
     def make(name, layer):
         wq = AdaRound(layer.weight.data, 8 if name in w8 else w_bits, search, splits.get(name, 0))
-        wrap = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
+        wrap = QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d
         aq = None if name in fp_in or name in splits else ActQuant(act_bits(name))
         return wrap.from_float(layer, wq, aq)
 
-    replace_modules(q, lambda n, m: isinstance(m, (nn.Conv2d, nn.Linear)), make)
+    replace_modules(q, lambda n, m: isinstance(m, LAYERS), make)
     for name, m in q.named_modules():
-        if isinstance(m, AttnBlock):                                 # QKᵀ and softmax·V inputs
+        if hasattr(m, "act_softmax"):                                # QKᵀ and softmax·V inputs (DDPM, LDM)
             for k in ("act_q", "act_k", "act_v"):
                 setattr(m, k, ActQuant(a_bits))
             m.act_softmax = ActQuant(sm_bits)
-        if f"{name}.nin_shortcut" in splits:
-            m.shortcut_h = ActQuant(act_bits(f"{name}.nin_shortcut"))
-            m.shortcut_skip = ActQuant(act_bits(f"{name}.nin_shortcut"))
+        if shortcut(name, m) in splits:
+            m.shortcut_h = ActQuant(act_bits(shortcut(name, m)))
+            m.shortcut_skip = ActQuant(act_bits(shortcut(name, m)))
     return q.to(next(fp.parameters()).device)
 
 
@@ -297,7 +301,7 @@ def init_acts(q, calib, search, batch=256):
 
     hooks = [m.register_forward_pre_hook(observe) for m in q.modules() if isinstance(m, ActQuant)]
     for b in torch.arange(len(calib["x"])).split(batch):
-        q(calib["x"][b], calib["t"][b])
+        q(*net_args(calib, b))
     for h in hooks:
         h.remove()
 
@@ -307,22 +311,25 @@ def init_acts(q, calib, search, batch=256):
 # density and variety of the middle-block feature per step, counts per step
 
 @torch.no_grad()
-def fp_trajectories(fp, B, seq, abar, *, batch, generator):
-    """B FP DDIM trajectories: the model input x [T_s, B, 3, H, W] of every step and the latent feature
-    F [T_s, B, C, h, w], the input of the middle attention block (a forward hook on mid.attn_1, as the
-    official code). Steps are indexed in denoising order, k = 0 the first (noisiest) one."""
-    xs = []
-    feats = []
-    hook = fp.mid.attn_1.register_forward_hook(lambda m, args, out: feats[-1].append(args[0].cpu()))
-    device = next(fp.parameters()).device
-    noise = torch.randn(B, 3, fp.resolution, fp.resolution, generator=generator).to(device)
-    for xb in tqdm(noise.split(batch), desc="FP trajectories", leave=False):
+def fp_trajectories(d, fp, B, seq, *, batch, eta, cfg_scale, generator):
+    """B FP DDIM trajectories of the model `d` (random classes if it is class-conditional): the model input
+    x [T_s, B, C, H, W] of every step, the latent feature F [T_s, B, C', h, w], the input of the middle
+    attention block (a forward hook on d.feature: mid.attn_1 / middle_block.1, as the official code; under
+    guidance 2B rows [uncond; cond]), and the labels [B] or None. Steps are indexed in denoising order,
+    k = 0 the first (noisiest) one."""
+    xs, feats = [], []
+    mid = dict(fp.named_modules())[d.feature]
+    hook = mid.register_forward_hook(lambda m, args, out: feats[-1].append(args[0].cpu()))
+    noise = torch.randn(B, *d.shape, generator=generator).to(next(fp.parameters()).device)
+    labels = d.labels(B, generator)
+    for i in tqdm(range(0, B, batch), desc="FP trajectories", leave=False):
         feats.append([])
-        _, traj = ddim_sample(fp, xb, seq, abar, trajectory=True)
-        xs.append(torch.stack([x for x, _, _ in traj]))              # [T_s, b, 3, H, W], k = 0..T_s−1
-        feats[-1] = torch.stack(feats[-1])                           # [T_s, b, C, h, w]
+        y = None if labels is None else labels[i:i + batch]
+        _, traj = d.sample(d.eps(fp, y, cfg_scale), noise[i:i + batch], seq, eta=eta, trajectory=True)
+        xs.append(torch.stack([x for x, _, _ in traj]))              # [T_s, b, C, H, W], k = 0..T_s−1
+        feats[-1] = torch.stack(feats[-1])                           # [T_s, b or 2b, C', h, w]
     hook.remove()
-    return torch.cat(xs, 1), torch.cat(feats, 1)
+    return torch.cat(xs, 1), torch.cat(feats, 1), labels
 
 
 def tdac_scores(Fk, r):
@@ -362,15 +369,16 @@ def tdac_counts(D, V, lam, N):
     return largest_remainder(w / w.sum() if w.sum() > 0 else torch.ones_like(w) / len(w), N)
 
 
-def select(x, seq, counts, generator):
+def select(x, seq, counts, generator, labels=None):
     """Calibration sample i is trajectory i mod B at step τ_i, τ a random permutation of n_k copies
     of each k (official: the same, one trajectory per sample); its timestep label is
-    t_i = seq[T_s − 1 − τ_i]. Uniform counts give the Q-Diffusion-style set (as many samples from every
-    step)."""
+    t_i = seq[T_s − 1 − τ_i], its class that of the trajectory. Uniform counts give the Q-Diffusion-style
+    set (as many samples from every step)."""
     tau = torch.repeat_interleave(torch.arange(len(counts)), counts)
     tau = tau[torch.randperm(len(tau), generator=generator)]         # [N]
     b = torch.arange(len(tau)) % x.shape[1]
-    return dict(x=x[tau, b], t=torch.tensor([float(seq[len(seq) - 1 - k]) for k in tau]), idx=tau)
+    data = dict(x=x[tau, b], t=torch.tensor([float(seq[len(seq) - 1 - k]) for k in tau]), idx=tau)
+    return data | ({} if labels is None else dict(y=labels[b]))
 
 
 # -----------------------------------------------------------------------------
@@ -381,51 +389,45 @@ class _Stop(Exception):
     pass
 
 
-def units_in_order(model):
-    """The reconstruction units in execution order (official qdiff/recon_block_Qmodel.py): every
-    ResnetBlock and AttnBlock (FBR loss), and every quantized layer outside them (temb.dense, conv_in, the
-    resampling convs, conv_out; layer loss, official qdiff/layer_recon.py)."""
-    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, (ResnetBlock, AttnBlock))]
-    units = blocks + [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))
-                      and not any(n.startswith(b + ".") for b, _ in blocks)]
-    order = []
-    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: order.append(n)) for n, m in units]
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        x = torch.zeros(1, 3, model.resolution, model.resolution, device=device)
-        model(x, torch.zeros(1, device=device))
-    for h in hooks:
-        h.remove()
-    return list(dict.fromkeys(order))
+BLOCKS = (ResnetBlock, AttnBlock, ldm.ResBlock, ldm.AttentionBlock, ldm.BasicTransformerBlock)
+
+
+def units_in_order(model, example):
+    """The reconstruction units in execution order, traced on the inputs `example` (official
+    qdiff/recon_block_Qmodel.py): every block of BLOCKS (FBR loss: DDPM ResnetBlock, AttnBlock; LDM ResBlock,
+    AttentionBlock, BasicTransformerBlock) and every quantized layer outside them (temb.dense, conv_in, the
+    resampling convs, conv_out, an LDM's proj_in/proj_out; layer loss, official qdiff/layer_recon.py)."""
+    return in_order(model, example, BLOCKS, (QuantConv2d, QuantLinear))
 
 
 def inner_layers(unit):
     """FBR's layer terms: the quantized layers of a block in registration order, the last one excluded, as the
-    official code (ResnetBlock: conv1, temb_proj [, conv2 when there is a nin_shortcut]; AttnBlock: q, k, v).
-    A single-layer unit has none."""
+    official code (ResnetBlock: conv1, temb_proj [, conv2 when there is a nin_shortcut]; AttnBlock: q, k, v;
+    LDM ResBlock: in-conv, emb linear [, out-conv]; BasicTransformerBlock: all but attn2's to_out). A
+    single-layer unit has none."""
     return [n for n, m in unit.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))][:-1]
 
 
 @torch.no_grad()
-def unit_io(model, unit, calib, batch, layers=()):
+def unit_io(model, unit, calib, batch, layers=(), cpu_cache=False):
     """Over the calibration set: the inputs of `unit`, its output, and the outputs of its sub-layers
     `layers` (names inside the unit); the forward stops at the unit (official qdiff/data_utils.py,
-    save_inp_oup_data)."""
-    ins = []
-    outs = []
+    save_inp_oup_data). cpu_cache: kept on the CPU in fp16 (the official LDM scripts: on the CPU)."""
+    ins, outs = [], []
     inner = {n: [] for n in layers}
+    keep = (lambda a: a.to("cpu", torch.float16)) if cpu_cache else (lambda a: a)
     mods = dict(unit.named_modules())
-    hooks = [mods[n].register_forward_hook(lambda m, a, o, n=n: inner[n].append(o)) for n in layers]
+    hooks = [mods[n].register_forward_hook(lambda m, a, o, n=n: inner[n].append(keep(o))) for n in layers]
 
     def stop(m, args, out):
-        ins.append(args)
-        outs.append(out)
+        ins.append([keep(a) for a in args])
+        outs.append(keep(out))
         raise _Stop
 
     hooks.append(unit.register_forward_hook(stop))
     for b in torch.arange(len(calib["x"])).split(batch):
         try:
-            model(calib["x"][b], calib["t"][b])
+            model(*net_args(calib, b))
         except _Stop:
             pass
     for h in hooks:
@@ -461,17 +463,17 @@ def reconstruct_unit(unit, fp_io, x_q, layers, *, gamma, iters, batch, lr_w, lr_
     opts = [torch.optim.Adam([m.wq.V for m in qlayers], lr=lr_w)]
     opts += [torch.optim.Adam([m.delta for m in acts], lr=lr_a)] if acts else []
     scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=max(iters, 1), eta_min=0.0) for o in opts]
-    mods = dict(unit.named_modules())
-    seen = {}
+    mods, seen = dict(unit.named_modules()), {}
     hooks = [mods[n].register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, o)) for n in layers]
     for m in acts:
         m.keep = qdrop
-    losses = []
+    losses, device = [], qlayers[0].weight.device
     for it in range(iters):
-        b = torch.randperm(len(y_fp), generator=generator)[:batch].to(y_fp.device)   # without replacement
-        x_in = torch.where(torch.rand_like(x_q[0][b]) < qdrop, x_q[0][b], x_fp[0][b])
-        y_hat = unit(x_in, *[a[b] for a in x_q[1:]])
-        loss = fbr_loss(y_hat, y_fp[b], [seen[n] for n in layers], [o[b] for o in o_fp], gamma)
+        b = torch.randperm(len(y_fp), generator=generator)[:batch]  # without replacement
+        fetch = lambda a: a[b.to(a.device)].to(device, torch.float32)  # noqa: E731  (from a CPU cache too)
+        x_in = torch.where(torch.rand_like(x_q0 := fetch(x_q[0])) < qdrop, x_q0, fetch(x_fp[0]))
+        y_hat = unit(x_in, *map(fetch, x_q[1:]))
+        loss = fbr_loss(y_hat, fetch(y_fp), [seen[n] for n in layers], list(map(fetch, o_fp)), gamma)
         warm = 0.2 * iters                                 # AdaRound's β 20 -> 2 after 20 % warm-up
         if round_reg > 0 and it >= warm:
             beta = 2 + 18 * (1 - (it - warm) / max(iters - warm, 1))
@@ -496,18 +498,17 @@ def reconstruct_unit(unit, fp_io, x_q, layers, *, gamma, iters, batch, lr_w, lr_
     return (losses[0], losses[-1]) if losses else (None, None)
 
 
-def reconstruct(fp, q, calib, *, gamma, iters, batch, lr_w, lr_a, qdrop, round_reg, generator, io_batch=256):
+def reconstruct(fp, q, calib, *, example, gamma, iters, batch, lr_w, lr_a, qdrop, round_reg, generator,
+                io_batch=256, cpu_cache=False):
     """Units in execution order: the FP network gives the unit's FP input x_fp, FP output y_fp and FP layer
     outputs o_l; the quantized network (finished units hard-rounded) gives its input x_q."""
-    fp_mods = dict(fp.named_modules())
-    q_mods = dict(q.named_modules())
-    log = []
-    for name in tqdm(units_in_order(q), desc="reconstruct"):
+    fp_mods, q_mods, log = dict(fp.named_modules()), dict(q.named_modules()), []
+    for name in tqdm(units_in_order(q, example), desc="reconstruct"):
         unit = q_mods[name]
         layers = inner_layers(unit) if gamma > 0 else []
-        fp_io = unit_io(fp, fp_mods[name], calib, io_batch, layers)
+        fp_io = unit_io(fp, fp_mods[name], calib, io_batch, layers, cpu_cache)
         switch(q, True)
-        x_q, _, _ = unit_io(q, unit, calib, io_batch)
+        x_q, _, _ = unit_io(q, unit, calib, io_batch, cpu_cache=cpu_cache)
         first, last = reconstruct_unit(unit, fp_io, x_q, layers, gamma=gamma, iters=iters, batch=batch,
                                        lr_w=lr_w, lr_a=lr_a, qdrop=qdrop, round_reg=round_reg,
                                        generator=generator)
@@ -538,8 +539,8 @@ def check_config(cfg):
     ablate = parse_list(cfg.ablate, ("tdac", "fbr"), "--ablate")
     if cfg.first_last not in FIRST_LAST:
         raise UserError(f"--first-last {cfg.first_last!r}: choose from {', '.join(FIRST_LAST)}")
-    if not 2 <= cfg.steps <= 1000:
-        raise UserError(f"--steps {cfg.steps}: the quad DDIM sequence needs 2..1000 steps")
+    if not 2 <= cfg.steps <= 1000 or cfg.eta < 0:
+        raise UserError(f"--steps {cfg.steps} / --eta {cfg.eta}: DDIM needs 2..1000 steps and η >= 0")
     if not cfg.batch <= cfg.calib <= cfg.calib_traj * cfg.steps:
         raise UserError(f"--calib {cfg.calib} must lie in [--batch {cfg.batch}, --calib-traj x --steps = "
                         f"{cfg.calib_traj * cfg.steps}] (the FP trajectories hold that many points)")
@@ -547,21 +548,24 @@ def check_config(cfg):
             or cfg.round_reg < 0):
         raise UserError("need --lam >= 0, --radius > 0, --gamma >= 0, 0 < --qdrop <= 1, --iters >= 0, "
                         "--round-reg >= 0")
-    cfg.lr_w = cfg.lr_w or (5e-2 if cfg.w_bits >= 8 else 5e-1)      # official scripts/for_cifar.sh
-    cfg.lr_a = cfg.lr_a or (1e-3 if cfg.w_bits >= 8 else 5e-4)
+    lr_w, lr_a = LRS.get(cfg.model, LRS["ddpm"])[cfg.w_bits < 8]
+    cfg.lr_w, cfg.lr_a = cfg.lr_w or lr_w, cfg.lr_a or lr_a
     return ablate
 
 
-def calibration_sets(fp, cfg, seq, abar, g):
-    """One set of FP trajectories; TDAC and uniform counts select from the same points. Returns
-    {"tdac": data, "uniform": data} (data = dict(x, t, idx)) and the TDAC record for results.json."""
+def calibration_sets(d, fp, cfg, seq, g):
+    """One set of FP trajectories; TDAC and uniform counts select from the same points (under guidance each
+    with its unconditional copy). Returns {"tdac": data, "uniform": data} (data = dict(x, t, idx[, y])) and
+    the TDAC record for results.json."""
     t0 = time.time()
     device = next(fp.parameters()).device
-    x_traj, feats = fp_trajectories(fp, cfg.calib_traj, seq, abar, batch=cfg.eval_batch, generator=g)
+    x_traj, feats, labels = fp_trajectories(d, fp, cfg.calib_traj, seq, batch=cfg.eval_batch, eta=cfg.eta,
+                                            cfg_scale=cfg.cfg_scale, generator=g)
     D, V, mse = tdac_scores(feats.to(device), cfg.radius)
     counts = {"tdac": tdac_counts(D.cpu(), V.cpu(), cfg.lam, cfg.calib),
               "uniform": largest_remainder(torch.ones(cfg.steps) / cfg.steps, cfg.calib)}
-    calib = {k: {a: v.to(device) for a, v in select(x_traj, seq, n, g).items()} for k, n in counts.items()}
+    calib = {k: d.with_uncond(select(x_traj, seq, n, g, labels), cfg.cfg_scale) for k, n in counts.items()}
+    calib = {k: {a: v.to(device) for a, v in c.items()} for k, c in calib.items()}
     off = mse[~torch.eye(cfg.steps, dtype=torch.bool, device=mse.device)]
     tdac = dict(D=D.tolist(), V=[round(v, 2) for v in V.tolist()], counts=counts["tdac"].tolist(),
                 mse_quantiles=torch.quantile(off.float(), torch.tensor([0.1, 0.5, 0.9])).tolist(),
@@ -571,24 +575,25 @@ def calibration_sets(fp, cfg, seq, abar, g):
     return calib, tdac
 
 
-def build_variant(fp, variant, calib, cfg):
+def build_variant(fp, variant, calib, cfg, example):
     """One quantized model: quantizers placed, activation ranges from its calibration set (TDAC or uniform),
     then, if the variant reconstructs, every unit trained in turn. Returns the model and the loss log."""
-    q = quantize(fp, cfg.w_bits, cfg.a_bits, cfg.sm_bits, search=variant["search"], split=cfg.split,
-                 first_last=cfg.first_last)
+    q = quantize(fp, cfg.w_bits, cfg.a_bits, cfg.sm_bits, search=variant["search"], example=example,
+                 split=cfg.split, first_last=cfg.first_last)
     data = calib["tdac" if variant["tdac"] else "uniform"]
     init_acts(q, data, variant["search"])
     if not variant["reconstruct"]:
         return q, None
-    log = reconstruct(fp, q, data, gamma=cfg.gamma if variant["fbr"] else 0.0, iters=cfg.iters,
-                      batch=cfg.batch, lr_w=cfg.lr_w, lr_a=cfg.lr_a, qdrop=cfg.qdrop, round_reg=cfg.round_reg,
-                      generator=torch.Generator().manual_seed(cfg.seed), io_batch=cfg.eval_batch)
+    log = reconstruct(fp, q, data, example=example, gamma=cfg.gamma if variant["fbr"] else 0.0,
+                      iters=cfg.iters, batch=cfg.batch, lr_w=cfg.lr_w, lr_a=cfg.lr_a, qdrop=cfg.qdrop,
+                      round_reg=cfg.round_reg, generator=torch.Generator().manual_seed(cfg.seed),
+                      io_batch=cfg.eval_batch, cpu_cache=cfg.cpu_cache)
     return q, log
 
 
-def load_variant(fp, state, saved, cfg):
+def load_variant(fp, state, saved, cfg, example):
     """A quantized model saved by this script (its settings already in cfg), loaded strictly."""
-    q = quantize(fp, cfg.w_bits, cfg.a_bits, cfg.sm_bits, search=False, split=cfg.split,
+    q = quantize(fp, cfg.w_bits, cfg.a_bits, cfg.sm_bits, search=False, example=example, split=cfg.split,
                  first_last=cfg.first_last)
     if saved["adaround"]:                                            # the state holds V: make room for it
         for m in q.modules():
@@ -599,28 +604,23 @@ def load_variant(fp, state, saved, cfg):
 
 
 # The settings a saved model carries: those that shape its quantizers (a different value on --load is an
-# error), and the model, DDIM steps and seed it was evaluated with (--load's defaults; flags override them)
+# error), and the model, checkpoint, sampler and seed it was evaluated with (--load's defaults; flags win)
 FIXED = ("bits", "w_bits", "a_bits", "sm_bits", "split", "first_last")
 
 
 def save_variant(q, name, variant, cfg):
-    meta = {k: getattr(cfg, k) for k in FIXED + ("model", "steps", "seed")}
+    meta = {k: getattr(cfg, k) for k in FIXED + ("model", "ckpt", "steps", "eta", "cfg_scale", "seed")}
     meta |= dict(adaround=variant["reconstruct"], tdac=variant["tdac"], fbr=variant["fbr"])
     save_safetensors(q.state_dict(), os.path.join(cfg.out, f"{name}.safetensors"),
                      metadata=dict(edadm=json.dumps(meta)))
 
 
-@torch.no_grad()
-def sample(net, noise, seq, abar, batch):
-    return torch.cat([ddim_sample(net, xb, seq, abar).cpu()
-                      for xb in tqdm(noise.split(batch), desc="sampling", leave=False)])
-
-
 def evaluate(q, ev, cfg, t0):
     """Samples of q from the sampling noise, and its ε-MSE against FP on the held-out points, PSNR against
-    the FP samples, FID when possible. ev: noise, seq, abar, held, eps_ref, fp_x, device."""
-    x = sample(q, ev["noise"], ev["seq"], ev["abar"], cfg.eval_batch)
-    return x, dict(eps_mse=eps_mse(lambda d: q(d["x"], d["t"]), ev["held"], ev["eps_ref"], cfg.eval_batch),
+    the FP samples, FID when possible. ev: d, noise, labels, seq, held, eps_ref, fp_x, device."""
+    x = ev["d"].images(q, ev["noise"], ev["seq"], labels=ev["labels"], eta=cfg.eta, cfg_scale=cfg.cfg_scale,
+                       batch=cfg.eval_batch)
+    return x, dict(eps_mse=eps_mse(lambda d: q(*net_args(d)), ev["held"], ev["eps_ref"], cfg.eval_batch),
                    psnr=psnr(x, ev["fp_x"]), fid=fid_or_none(x, cfg.ref), seconds=time.time() - t0,
                    peak_mb=peak_mb(ev["device"]))
 
@@ -631,8 +631,7 @@ def main():
     if cfg.load:                     # the file's model brings its preset, its settings override it, flags win
         state, saved = load_saved(cfg.load, "edadm")
         if "first_last" not in saved:
-            raise UserError(f"{cfg.load}: saved before --first-last existed (its settings lack first_last); "
-                            "quantize the model again")
+            raise UserError(f"{cfg.load}: saved without its first/last-layer setting; quantize it again")
         cfg = parse_config(Config, PRESETS, saved=saved)
     ablate = check_config(cfg)
     for k in FIXED if saved else ():
@@ -640,29 +639,31 @@ def main():
             raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: {cfg.load} was quantized with "
                             f"{saved[k]}; drop the flag")
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    t_start = time.time()
-    fp = load_unet(cfg.model, cfg.ckpt or None).to(device).requires_grad_(False)
+    device, t_start = pick_device(cfg.device), time.time()
+    d = load_model(cfg.model, cfg.ckpt or None, cfg_scale=cfg.cfg_scale)
+    fp = d.net.to(device).requires_grad_(False)
+    d.decode.to(device)
     os.makedirs(cfg.out, exist_ok=True)
-    seq = ddim_timesteps("quad", cfg.steps)
-    abar = linear_alphas_cumprod()
+    seq, example = d.timesteps(cfg.steps), d.example(device)
     g = torch.Generator().manual_seed(cfg.seed)
-    noise = torch.randn(cfg.n, 3, 32, 32, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
-    print(f"{cfg.model}, W{cfg.w_bits}A{cfg.a_bits} (softmax {cfg.sm_bits}), DDIM-{cfg.steps} quad, "
+    noise = torch.randn(cfg.n, *d.shape, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
+    labels = d.labels(cfg.n)
+    print(f"{cfg.model}, W{cfg.w_bits}A{cfg.a_bits} (softmax {cfg.sm_bits}), DDIM-{cfg.steps} η {cfg.eta}, "
           f"N = {cfg.calib} from {cfg.calib_traj} trajectories, λ {cfg.lam}, r {cfg.radius}, "
           f"γ {cfg.gamma}, {cfg.iters} iterations/unit, lr_w {cfg.lr_w:g}, lr_a {cfg.lr_a:g}, "
           f"{cfg.n} samples, {device}")
 
     # FP: reference samples, and held-out ε-MSE points from its trajectories of the first 64 sampling noises
     t0 = time.time()
-    fp_x = sample(fp, noise, seq, abar, cfg.eval_batch)
-    held = held_out(fp, noise[:64], seq, abar, g)
-    ev = dict(noise=noise, seq=seq, abar=abar, held=held, fp_x=fp_x, device=device,
-              eps_ref=predict(lambda d: fp(d["x"], d["t"]), held, cfg.eval_batch))
+    fp_x = d.images(fp, noise, seq, labels=labels, eta=cfg.eta, cfg_scale=cfg.cfg_scale, batch=cfg.eval_batch)
+    held = d.points(fp, noise[:64], seq, g, labels=None if labels is None else labels[:64], eta=cfg.eta,
+                    cfg_scale=cfg.cfg_scale)
+    ev = dict(d=d, noise=noise, labels=labels, seq=seq, held=held, fp_x=fp_x, device=device,
+              eps_ref=predict(lambda c: fp(*net_args(c)), held, cfg.eval_batch))
     results = {"fp": dict(eps_mse=0.0, psnr=None, fid=fid_or_none(fp_x, cfg.ref), seconds=time.time() - t0,
                           peak_mb=peak_mb(device))}
     save_grid(fp_x[:64], os.path.join(cfg.out, "grid_fp.png"))
-    calib, tdac = calibration_sets(fp, cfg, seq, abar, g) if not saved else (None, None)
+    calib, tdac = calibration_sets(d, fp, cfg, seq, g) if not saved else (None, None)
 
     panels = {"FP": fp_x[:32]}
     for name in ["loaded"] if saved else ["ptq", "brecq", "edadm"] + [f"no_{a}" for a in ablate]:
@@ -671,10 +672,10 @@ def main():
             torch.cuda.reset_peak_memory_stats(device)
         torch.manual_seed(cfg.seed)                      # every variant: the same QDrop/batch draws
         if saved:
-            q = load_variant(fp, state, saved, cfg)
+            q = load_variant(fp, state, saved, cfg, example)
             log = None
         else:
-            q, log = build_variant(fp, VARIANTS[name], calib, cfg)
+            q, log = build_variant(fp, VARIANTS[name], calib, cfg, example)
         switch(q, True)
         x, results[name] = evaluate(q, ev, cfg, t0)
         results[name]["reconstruction"] = log

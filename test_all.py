@@ -279,6 +279,10 @@ def test_ddim_known_answer_and_trajectory():
 
 # ---- Run plumbing and the command line: bad input is one line on stderr and exit code 2
 
+def ddpm_example(net):  # the inputs of one traced forward of a DDPM UNet
+    return torch.zeros(1, 3, net.resolution, net.resolution), torch.zeros(1)
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=300)
 
@@ -824,7 +828,8 @@ def test_weight_dilation_keeps_weight_ranges_and_the_layer():
     sat[W.reshape(16, 24, -1).amin(2).argmin(1)] = True
     assert (s[sat] == 1).all()
     # the wrapped layer with quantization off computes the float layer: (X/s) ⊛ (W·s) = X ⊛ W
-    qnet = dq.quantize(nn.Sequential(conv), w_bits=4, a_bits=4, sm_bits=8, T=3, first_last="none")
+    qnet = dq.quantize(nn.Sequential(conv), w_bits=4, a_bits=4, sm_bits=8, T=3, example=None,
+                       first_last="none")
     x = torch.randn(2, 24, 8, 8) * 3
     dq.switch(qnet, False)
     assert torch.allclose(qnet(x), conv(x), atol=1e-5, rtol=1e-5)
@@ -865,7 +870,7 @@ def tiny_unet_and_calib(T=4, n=32):
 def test_bkd_steps_reduce_the_block_loss():
     import dilatequant as dq
     fp, calib = tiny_unet_and_calib()
-    q = dq.quantize(fp, w_bits=4, a_bits=4, sm_bits=8, T=4)
+    q = dq.quantize(fp, w_bits=4, a_bits=4, sm_bits=8, T=4, example=ddpm_example(fp))
     dq.init_tpq(q, calib, 4)
     tpqs = [m for m in q.modules() if isinstance(m, dq.TPQ)]
     assert not any(m._forward_pre_hooks for m in tpqs)               # the recording hooks are gone
@@ -886,8 +891,9 @@ def test_bkd_steps_reduce_the_block_loss():
                      lr_z=1e-2, generator=torch.Generator().manual_seed(0))
     after = full_loss()
     assert after < before, (before, after)
-    assert dq.blocks_in_order(q)[:4] == ["temb.dense.0", "temb.dense.1", "conv_in", "down.0.block.0"]
-    assert dq.blocks_in_order(q)[-1] == "conv_out"
+    order = dq.blocks_in_order(q, ddpm_example(q))
+    assert order[:4] == ["temb.dense.0", "temb.dense.1", "conv_in", "down.0.block.0"]
+    assert order[-1] == "conv_out"
 
 
 def test_first_last_rules_and_the_zero_point_learns():
@@ -896,15 +902,16 @@ def test_first_last_rules_and_the_zero_point_learns():
     def bits(q, name):                                               # (weight bits, input bits or None)
         layer = dict(q.named_modules())[name].layer
         return layer.wq.bits, getattr(layer.aq, "bits", None)
-    q = dq.quantize(fp, w_bits=4, a_bits=4, sm_bits=8, T=4)          # default: by position, W8A8
+    q = dq.quantize(fp, w_bits=4, a_bits=4, sm_bits=8, T=4, example=ddpm_example(fp))  # by position, W8A8
     assert bits(q, "conv_in") == (8, 8) and bits(q, "conv_out") == (8, 8)
     assert bits(q, "temb.dense.0") == (4, 4)
-    q = dq.quantize(fp, w_bits=4, a_bits=4, sm_bits=8, T=4, first_last="official")    # registration order
+    q = dq.quantize(fp, w_bits=4, a_bits=4, sm_bits=8, T=4, example=ddpm_example(fp),
+                    first_last="official")                                        # registration order
     assert bits(q, "conv_in") == (4, 4) and bits(q, "temb.dense.0") == (8, 4)
     assert bits(q, "conv_out") == (8, None)
     assert bits(q, "up.2.upsample.conv") == (4, 8)                   # a_list[-2]
     # the zero points move in a few BKD steps at lr_z (in grid steps), not at the paper's 1e-4
-    q = dq.quantize(fp, w_bits=4, a_bits=4, sm_bits=8, T=4)
+    q = dq.quantize(fp, w_bits=4, a_bits=4, sm_bits=8, T=4, example=ddpm_example(fp))
     dq.init_tpq(q, calib, 4)
     name = "down.0.block.0"
     _, target = dq.block_io(fp, dict(fp.named_modules())[name], calib, 16, want_output=True)
@@ -924,7 +931,7 @@ def test_first_last_rules_and_the_zero_point_learns():
 def test_correlated_scale_makes_each_steps_projection_one():
     import dilatequant as dq
     fp, calib = tiny_unet_and_calib(T=4, n=48)
-    q = dq.quantize(fp, w_bits=3, a_bits=3, sm_bits=8, T=4)
+    q = dq.quantize(fp, w_bits=3, a_bits=3, sm_bits=8, T=4, example=ddpm_example(fp))
     dq.init_tpq(q, calib, 4, search=False)
     dq.switch(q, True)
     with torch.no_grad():
@@ -1028,7 +1035,7 @@ def test_adaround_starts_at_fp_and_ends_hard_after_reconstruction():
     fp, calib = tiny_unet_and_calib(n=16)
     # official placement: conv_in at W4, so down.0.block.0's input carries error for reconstruction to undo
     # (with conv_in W8A8 its start loss is ~8x lower and 20 steps at lr_w 0.5 raise it)
-    q = ed.quantize(fp, 4, 8, 8, search=False, first_last="official")
+    q = ed.quantize(fp, 4, 8, 8, search=False, example=ddpm_example(fp), first_last="official")
     ed.init_acts(q, calib, search=False)
     acts = [m for m in q.modules() if isinstance(m, ed.ActQuant)]
     # every range set from the calibration pass
@@ -1076,7 +1083,7 @@ def test_fbr_loss_equals_hand_computed_value_on_a_toy_block():
     from models.ddpm import ResnetBlock
     torch.manual_seed(0)
     net = nn.Sequential(ResnetBlock(4, 8, 6, 0.0, min_group=2)).eval().requires_grad_(False)
-    q = ed.quantize(net, 4, 8, 8, search=False, first_last="none")
+    q = ed.quantize(net, 4, 8, 8, search=False, example=None, first_last="none")
     # weights through AdaRound (soft h(V) = ρ: the FP weight), activations FP
     common.set_quant(q, True, False)
     block = q[0]
@@ -1118,7 +1125,7 @@ def test_edadm_quantizer_placement_and_units():
     import edadm as ed
     fp, calib = tiny_unet_and_calib(n=8)                              # the bundled UNet's structure
     # W4A4, so that 8-bit layers stand out. position: conv_in and conv_out W8A8 (by data flow), the rest low
-    q = ed.quantize(fp, 4, 4, 8, search=False, first_last="position")
+    q = ed.quantize(fp, 4, 4, 8, search=False, example=ddpm_example(fp), first_last="position")
     mods = dict(q.named_modules())
     for name in ("conv_in", "conv_out"):
         assert mods[name].wq.bits == 8 and isinstance(mods[name].aq, ed.ActQuant) and mods[name].aq.bits == 8
@@ -1128,7 +1135,8 @@ def test_edadm_quantizer_placement_and_units():
     # a_list[-2], the second-to-last layer registered (up.2.upsample.conv here), with an 8-bit input
     names = [n for n, m in q.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
     assert names[0] == "temb.dense.0" and names[-2:] == ["up.2.upsample.conv", "conv_out"]
-    off = dict(ed.quantize(fp, 4, 4, 8, search=False, first_last="official").named_modules())
+    off = dict(ed.quantize(fp, 4, 4, 8, search=False, example=ddpm_example(fp),
+                           first_last="official").named_modules())
     assert (off["temb.dense.0"].wq.bits == 8 and off["conv_out"].wq.bits == 8 and off["conv_in"].wq.bits == 4
             and off["temb.dense.0"].aq.bits == 4 and off["conv_in"].aq.bits == 4)
     assert isinstance(off["conv_out"].aq, nn.Identity) and off["up.2.upsample.conv"].aq.bits == 8
@@ -1136,12 +1144,13 @@ def test_edadm_quantizer_placement_and_units():
              and not n.endswith("act_softmax")]
     assert acts8 == ["up.2.upsample.conv.aq"]                         # the only 8-bit activation
     # none: every weight and activation at the requested bits, conv_out's input quantized too
-    low = dict(ed.quantize(fp, 4, 4, 8, search=False, first_last="none").named_modules())
+    low = dict(ed.quantize(fp, 4, 4, 8, search=False, example=ddpm_example(fp),
+                           first_last="none").named_modules())
     assert all(m.wq.bits == 4 for m in low.values() if isinstance(m, (QuantConv2d, QuantLinear)))
     assert {m.bits for n, m in low.items() if isinstance(m, ed.ActQuant) and "softmax" not in n} == {4}
     assert isinstance(low["conv_out"].aq, ed.ActQuant)
     with pytest.raises(UserError, match="--first-last 'last'"):
-        ed.quantize(fp, 4, 4, 8, search=False, first_last="last")
+        ed.quantize(fp, 4, 4, 8, search=False, example=ddpm_example(fp), first_last="last")
     sc = mods["up.1.block.0.nin_shortcut"]
     s = mods["up.1.block.0"].split
     assert isinstance(sc.aq, nn.Identity) and isinstance(mods["up.1.block.0"].shortcut_h, ed.ActQuant)
@@ -1150,7 +1159,7 @@ def test_edadm_quantizer_placement_and_units():
     assert not torch.equal(sc.wq.delta[:, 0], sc.wq.delta[:, -1])
     assert (isinstance(mods["mid.attn_1"].act_softmax, ed.ActQuant)
             and mods["mid.attn_1"].act_softmax.bits == 8)
-    units = ed.units_in_order(q)
+    units = ed.units_in_order(q, ddpm_example(q))
     assert (units[:4] == ["temb.dense.0", "temb.dense.1", "conv_in", "down.0.block.0"]
             and units[-1] == "conv_out")
     assert "down.0.downsample.conv" in units and "up.1.attn.0" in units and "up.1.attn.0.q" not in units
@@ -1218,7 +1227,7 @@ def test_edadm_bad_input_exit_2(tmp_path, monkeypatch, capsys):
                          metadata={"edadm": json.dumps(m)})
     new = str(tmp_path / "new.safetensors")
     old = str(tmp_path / "old.safetensors")
-    cases += [(["--load", old], "saved before --first-last existed"),
+    cases += [(["--load", old], "saved without its first/last-layer setting"),
               (["--load", new, "--first-last", "official"], "--first-last official: " + new),
               (["--load", new, "--w-bits", "8"], "was quantized with 4; drop the flag"),
               (["--load", new, "--bits", "4"], "--bits 4: "),
@@ -1585,6 +1594,30 @@ def test_ldm_parity_with_official_code(name, tmp_path, monkeypatch):
     assert scale_factor == (pytest.approx(0.2) if name == "ldm-lsun-church" else 1.0)   # church's buffer
 
 
+def test_ldm_ddim_equals_the_official_sampler(tmp_path, monkeypatch):
+    # official DDIMSampler.sample(S=20, x_T=..., eta=..., ...) outputs (fixtures/README.md, ldm_ddim)
+    import models
+    fx, meta = read_safetensors(os.path.join(FIX, "ldm_ddim.safetensors"), metadata=True)
+    outs = {}
+    for key, name, eta, cfg_scale in (("bedroom/eta0", "ldm-lsun-bedroom", 0.0, 1.0),
+                                      ("bedroom/eta1", "ldm-lsun-bedroom", 1.0, 1.0),
+                                      ("cin/eta0_cfg3", "ldm-cin256-v2", 0.0, float(meta["cfg_scale"]))):
+        sd, _ = ldm_tiny(name, monkeypatch)
+        lightning_ckpt(tmp_path / f"{name}.ckpt", sd, monkeypatch)
+        d = models.load_model(name, str(tmp_path / f"{name}.ckpt"))
+        case = key.split("/")[0]
+        y = fx.get(f"{case}/y")                                     # cin: [3, 500]; bedroom: None
+        assert d.timesteps(20) == list(range(1, 1000, 50)) and (y is None) == (d.classes == 0)
+        with torch.random.fork_rng():                               # eta 1: the official run's seed
+            torch.manual_seed(int(meta["seed_eta1"]))
+            outs[key] = d.sample(d.eps(d.net, y, cfg_scale), fx[f"{case}/x_T"], d.timesteps(20), eta=eta)
+        ref = fx[key]
+        assert outs[key].shape == ref.shape
+        assert (outs[key] - ref).abs().max() / ref.abs().max() <= 1e-5, key
+    assert (outs["bedroom/eta1"] - outs["bedroom/eta0"]).abs().max() > 1.0    # the noise matters
+    assert y.tolist() == [3, 500] and meta["unconditional_class"] == str(d.classes) == "1000"
+
+
 def test_ldm_hooks_sit_on_the_attention_matmuls_and_the_skip_split():
     torch.manual_seed(0)
     cin = ldm.UNetModel(**dict(ldm.CONFIGS["ldm-cin256-v2"]["unet"], model_channels=32,
@@ -1696,6 +1729,166 @@ def test_ldm_download_unzips_model_ckpt_and_offline_names_the_url(tmp_path, monk
     with pytest.raises(UserError, match=re.escape(f"fetch {url} by hand and unzip its model.ckpt")):
         ldm.fetch_ldm("ldm-lsun-bedroom")
 
+
+
+# ---- DilateQuant and EDA-DM on LDMs: narrow copies with random weights in the checkpoint layout
+
+def ldm_narrow(name, monkeypatch, res=None):
+    """Registers a narrow copy of `name` as CONFIGS[name] (model_channels 32, one ResBlock per level, context
+    64; first stage ch 32, 256 codes) with small latents (16² for the 5-level Church UNet, else 8²)."""
+    cfg = copy.deepcopy(ldm.CONFIGS[name])
+    cfg["unet"].update(model_channels=32, num_res_blocks=1)
+    cfg["first_stage"]["ddconfig"]["ch"] = 32
+    if "n_embed" in cfg["first_stage"]:
+        cfg["first_stage"]["n_embed"] = 256
+    if cfg["cond_stage"]:
+        cfg["unet"]["context_dim"] = cfg["cond_stage"]["embed_dim"] = 64
+    res = res or (16 if name == "ldm-lsun-church" else 8)
+    cfg["latent"] = (cfg["latent"][0], res, res)
+    monkeypatch.setitem(ldm.CONFIGS, name, cfg)
+    return cfg
+
+
+def ldm_random_checkpoint(name, path, seed=0):
+    """A LatentDiffusion checkpoint of CONFIGS[name] as registered (full size or narrow) with random weights:
+    the UNet under model.diffusion_model. (and, for EMA models, the same weights under their dot-less EMA
+    names), the first stage's decoder side, the class embedder, the schedule, church's scale_factor."""
+    cfg = ldm.CONFIGS[name]
+    torch.manual_seed(seed)
+    unet = ldm.UNetModel(**cfg["unet"]).state_dict()
+    sd = {"model.diffusion_model." + k: v for k, v in unet.items()}
+    if cfg["use_ema"]:
+        sd |= {"model_ema.diffusion_model" + k.replace(".", ""): v for k, v in unet.items()}
+    first = ldm.FirstStageDecoder(**cfg["first_stage"]).state_dict()
+    sd |= {"first_stage_model." + k: v for k, v in first.items()}
+    if cfg["cond_stage"]:
+        cond = ldm.ClassEmbedder(**cfg["cond_stage"]).state_dict()
+        sd |= {"cond_stage_model." + k: v for k, v in cond.items()}
+    sd["alphas_cumprod"] = ldm.ldm_alphas_cumprod(cfg["linear_start"], cfg["linear_end"]).float()
+    if cfg["scale_by_std"]:
+        sd["scale_factor"] = torch.tensor(0.2)
+    torch.save({"state_dict": sd}, path)
+    return path
+
+
+@pytest.mark.parametrize("name", LDM_NAMES)
+def test_ldm_dilatequant_and_edadm_end_to_end(name, tmp_path, monkeypatch):
+    import dilatequant as dq
+    import edadm as ed
+    import models
+    ldm_narrow(name, monkeypatch)
+    ckpt = str(ldm_random_checkpoint(name, tmp_path / "model.ckpt"))
+    small = ["--model", name, "--ckpt", ckpt, "--steps", "2", "--calib", "4", "--calib-traj", "2",
+             "--iters", "1", "--n", "2", "--eval-batch", "4", "--batch", "4"]
+    fp = dict(models.load_model(name, ckpt).net.named_modules())
+    kinds = {"ldm-cin256-v2": "BasicTransformerBlock", "ldm-lsun-bedroom": "AttentionBlock",
+             "ldm-lsun-church": "AttentionBlock"}[name]
+    for tool, extra, log in ((dq, [], "bkd"), (ed, ["--w-bits", "4", "--a-bits", "8"], "reconstruction")):
+        out = tmp_path / tool.__name__
+        monkeypatch.setattr(sys, "argv", [tool.__name__, *small, *extra, "--out", str(out)])
+        tool.main()
+        rec = json.load(open(out / "results.json"))
+        conf, m = rec["config"], rec["metrics"]
+        # the paper protocol's sampler comes with the model (preset), the flags given win
+        assert (conf["eta"], conf["cfg_scale"], conf["steps"]) == {"ldm-lsun-bedroom": (1.0, 1.0, 2),
+                                                                  "ldm-lsun-church": (0.0, 1.0, 2),
+                                                                  "ldm-cin256-v2": (0.0, 3.0, 2)}[name]
+        assert conf["cpu_cache"] is True
+        quantized = [v for v in m if v not in ("fp", "tdac")]
+        trained = [v for v in quantized if m[v].get(log)]
+        assert trained and all(math.isfinite(m[v]["eps_mse"]) and m[v]["eps_mse"] > 0 for v in quantized)
+        units = [u.get("block", u.get("unit")) for u in m[trained[0]][log]]
+        types = {type(fp[u]).__name__ for u in units}
+        assert {"ResBlock", kinds, "Linear", "Conv2d"} <= types, types   # time_embed, conv_in: lone layers
+        if tool is dq:                                                  # church resamples in ResBlocks
+            assert ("Downsample" in types) == (name != "ldm-lsun-church")
+        assert all(math.isfinite(u["loss_last"]) for u in m[trained[0]][log])
+        f = 8 if name == "ldm-lsun-church" else 4                         # decoded: latent × f pixels
+        side = ldm.CONFIGS[name]["latent"][1] * f
+        assert Image.open(out / "grid_fp.png").size == (2 * (side + 2) + 2, side + 4)
+
+
+def test_ldm_quantizer_placement(monkeypatch):
+    import dilatequant as dq
+    import edadm as ed
+    import models
+    for name in ("ldm-lsun-church", "ldm-cin256-v2"):
+        ldm_narrow(name, monkeypatch)
+        torch.manual_seed(0)
+        cfg = ldm.CONFIGS[name]
+        unet = ldm.UNetModel(**cfg["unet"]).eval()
+        fp = ldm.ClassConditional(unet, ldm.ClassEmbedder(**cfg["cond_stage"])) if cfg["cond_stage"] else unet
+        d = models.Diffusion(fp, cfg["latent"], torch.linspace(0.99, 0.01, 1000), True, nn.Identity(),
+                             1000 if cfg["cond_stage"] else 0, "middle_block.1")
+        ex = d.example("cpu")
+        q = dq.quantize(fp.requires_grad_(False), w_bits=4, a_bits=4, sm_bits=8, T=3, example=ex, steps=3)
+        mods = dict(q.named_modules())
+        assert not any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in q.modules())  # all wrapped
+        pre = "unet." if name == "ldm-cin256-v2" else ""
+        assert mods[pre + "input_blocks.0.0"].layer.wq.bits == 8 and mods[pre + "out.2"].layer.wq.bits == 8
+        split = [n for n, m in q.named_modules() if isinstance(m, dq.SplitTPQ)]
+        assert split == [f"{pre}output_blocks.{i}.0.skip_connection.layer.aq"
+                         for i in range(len(unet.output_blocks))]
+        att = [m for m in q.modules() if hasattr(m, "act_softmax")]
+        heads = 8 if name == "ldm-lsun-church" else 1
+        assert att and all(m.act_q.delta.shape == (3, heads) for m in att)   # a TPQ row per step and head
+        # a guided batch [uncond; cond] runs one step's rows: an index of size 1 broadcasts over it
+        dq.switch(q, True)
+        dq.set_step(q, torch.full((1,), 2))
+        with torch.no_grad():
+            x = torch.randn(2, *cfg["latent"])
+            a = q(x, torch.full((2,), 500.0), *([torch.tensor([3, 1000])] if pre else []))
+            dq.set_step(q, torch.full((2,), 2))
+            b = q(x, torch.full((2,), 500.0), *([torch.tensor([3, 1000])] if pre else []))
+        assert torch.equal(a, b)
+        # EDA-DM: split halves at the ResBlock hooks, the shortcut conv itself without an input quantizer
+        e = dict(ed.quantize(fp, 4, 8, 8, search=False, example=ex).named_modules())
+        blk = e[pre + "output_blocks.0.0"]
+        assert isinstance(blk.shortcut_h, ed.ActQuant) and isinstance(blk.skip_connection.aq, nn.Identity)
+        res = [n for n, m in e.items() if isinstance(m, ldm.ResBlock)][0]
+        assert ed.inner_layers(e[res]) == ["in_layers.2", "emb_layers.1"]
+        if pre:
+            tb = [n for n, m in e.items() if isinstance(m, ldm.BasicTransformerBlock)][0]
+            attn1 = [f"attn1.to_{k}" for k in ("q", "k", "v", "out.0")]
+            attn2 = [f"attn2.to_{k}" for k in "qkv"]                                        # not attn2.to_out
+            assert ed.inner_layers(e[tb]) == attn1 + ["ff.net.0.proj", "ff.net.2"] + attn2
+        else:
+            ab = [n for n, m in e.items() if isinstance(m, ldm.AttentionBlock)][0]
+            assert ed.inner_layers(e[ab]) == ["qkv"] and isinstance(e[ab + ".qkv"], QuantConv2d)
+
+
+def test_ldm_sampling_cli_and_bad_input_exit_2(tmp_path, monkeypatch, capsys):
+    import dilatequant as dq
+    import edadm as ed
+    ldm_narrow("ldm-cin256-v2", monkeypatch)
+    ckpt = str(ldm_random_checkpoint("ldm-cin256-v2", tmp_path / "cin.ckpt"))
+    monkeypatch.setattr(sys, "argv", ["ldm", "--model", "ldm-cin256-v2", "--ckpt", ckpt, "--n", "3",
+                                      "--steps", "2", "--out", str(tmp_path / "grid.png")])
+    ldm.main()
+    assert Image.open(tmp_path / "grid.png").size == (3 * 34 + 2, 36)  # 8² latents -> 32² images
+    assert "CFG 3.0" in capsys.readouterr().out                       # cin256-v2's guidance by default
+    ldm_narrow("ldm-lsun-bedroom", monkeypatch)
+    bed = ldm_random_checkpoint("ldm-lsun-bedroom", tmp_path / "bed.ckpt")
+    sd = torch.load(bed)["state_dict"]
+    noema = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
+    torch.save({"state_dict": noema}, tmp_path / "noema.ckpt")
+    (tmp_path / "cut.ckpt").write_bytes(open(bed, "rb").read()[:100_000])
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(tmp_path / "ran"),)
+    torch.save({"state_dict": sd, "x": Payload()}, tmp_path / "code.ckpt")
+    cases = [(["--model", "ldm-lsun-bedroom", "--ckpt", str(tmp_path / "noema.ckpt")], "EMA weights missing"),
+             (["--model", "ldm-lsun-bedroom", "--ckpt", str(tmp_path / "cut.ckpt")], "or truncated"),
+             (["--model", "ldm-lsun-bedroom", "--ckpt", str(tmp_path / "code.ckpt")], "refusing to unpickle"),
+             (["--model", "ldm-cin256-v2", "--ckpt", str(bed)], "does not fit UNetModel"),
+             (["--model", "ldm-lsun-bedroom", "--ckpt", str(bed), "--cfg-scale", "2"],
+              "not class-conditional"),
+             (["--model", "ldm-lsun-bedroom", "--ckpt", str(bed), "--eta", "-1"], "--eta -1.0")]
+    exits_2_in_process("dilatequant.py", dq.main, cases, tmp_path / "o", monkeypatch, capsys)
+    exits_2_in_process("edadm.py", ed.main, cases, tmp_path / "o", monkeypatch, capsys)
+    exits_2_in_process("models/ldm.py", ldm.main, cases[:-1], tmp_path / "o.png", monkeypatch, capsys)
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "o.png").exists()
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -44,6 +44,7 @@ def full_size_unet(batch, steps, device):
     the unit of the trajectory and caching costs."""
     torch.manual_seed(0)
     fp = UNet(**CONFIGS["ddpm-cifar10"]).eval().requires_grad_(False).to(device)
+    example = (torch.zeros(1, 3, 32, 32, device=device), torch.zeros(1, device=device))
     g = torch.Generator().manual_seed(0)
     calib = dict(x=torch.randn(batch, 3, 32, 32, generator=g).to(device),
                  t=torch.randint(1000, (batch,), generator=g).float().to(device),
@@ -61,14 +62,14 @@ def main():
     cfg = parse_config(Config)
     device = pick_device(cfg.device)
     fp, calib, g, fwd = full_size_unet(cfg.batch, cfg.steps, device)
-    q = dq.quantize(fp, w_bits=cfg.bits, a_bits=cfg.bits, sm_bits=8, T=cfg.steps)
+    q = dq.quantize(fp, w_bits=cfg.bits, a_bits=cfg.bits, sm_bits=8, T=cfg.steps, example=example)
     # min-max init: BKD's cost does not depend on it (the L_p search at T = 100 is sync-bound on a GPU,
     # ~1 s a layer)
     dq.init_tpq(q, calib, cfg.steps, search=False)
     print(f"{sum(p.numel() for p in fp.parameters()) / 1e6:.2f} M parameters, W{cfg.bits}A{cfg.bits}, "
           f"T = {cfg.steps}, batch {cfg.batch}, {device} ({torch.get_num_threads()} threads)")
 
-    units, total_iter, cache_bytes = dq.blocks_in_order(q), 0.0, 0
+    units, total_iter, cache_bytes = dq.blocks_in_order(q, example), 0.0, 0
     fp_mods, q_mods = dict(fp.named_modules()), dict(q.named_modules())
     for name in units:
         _, target = dq.block_io(fp, fp_mods[name], calib, cfg.batch, want_output=True)

@@ -49,6 +49,7 @@ def full_size_unet(batch, device):
     trajectory and caching costs."""
     torch.manual_seed(0)
     fp = UNet(**CONFIGS["ddpm-cifar10"]).eval().requires_grad_(False).to(device)
+    example = (torch.zeros(1, 3, 32, 32, device=device), torch.zeros(1, device=device))
     g = torch.Generator().manual_seed(0)
     calib = dict(x=torch.randn(batch, 3, 32, 32, generator=g).to(device),
                  t=torch.randint(1000, (batch,), generator=g).float().to(device))
@@ -79,9 +80,9 @@ def main():
     feat_mb = Fk.numel() * 4 / 2 ** 20 * cfg.calib_traj / cfg.tdac_traj
     del Fk
 
-    q = ed.quantize(fp, cfg.w_bits, cfg.a_bits, 8, search=False)  # min-max: the same reconstruction cost
+    q = ed.quantize(fp, cfg.w_bits, cfg.a_bits, 8, search=False, example=example)  # min-max: same cost
     ed.init_acts(q, calib, search=False)
-    units = ed.units_in_order(q)
+    units = ed.units_in_order(q, example)
     total_iter = 0.0
     cache_bytes = 0
     fp_mods, q_mods = dict(fp.named_modules()), dict(q.named_modules())

@@ -1,0 +1,130 @@
+"""
+The UNet diffusion models that dilatequant.py and edadm.py quantize, behind one interface: the pixel-space
+DDPM UNets of models/ddpm.py and the latent diffusion models of models/ldm.py.
+
+    d = load_model("ldm-lsun-church", "model.ckpt")          # or "ddpm-cifar10-small", "ddpm-cifar10", ...
+    z = d.sample(d.eps(d.net), noise, d.timesteps(20), eta=0.0)
+    images = d.decode(z)
+
+A `Diffusion` holds the ε network (cin256-v2: the UNet with its class embedder, ε(x, t, y)), the shape of
+x_T, ᾱ, the sampler's conventions and the decoder from the sampler's output to images in [−1, 1].
+"""
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from common import UserError, ddim_sample, ddim_timesteps, held_out, linear_alphas_cumprod
+
+
+class Diffusion(NamedTuple):
+    net: nn.Module                  # ε(x, t), or ε(x, t, y) when class-conditional
+    shape: tuple                    # [C, H, W] of x_T: pixels (DDPM) or latents (LDM)
+    alphas_cumprod: torch.Tensor    # [1000]
+    latent: bool                    # LDM conventions: timesteps 1, 1 + T/S, …; ᾱ_0 below the first step
+    decode: nn.Module               # the sampler's output -> images in [−1, 1] (identity for pixels)
+    classes: int                    # 0: unconditional; n: labels 0..n−1, label n is "no class" (CFG)
+    feature: str                    # the middle block's attention: its input is EDA-DM's TDAC feature
+
+    def timesteps(self, steps):
+        """DDPM: the DDIM code's "quad" sequence (EDA-DM's and DilateQuant's CIFAR-10 setting);
+        LDM: uniform + 1 (CompVis ldm/models/diffusion/ddim.py, ddim_discretize "uniform")."""
+        return ddim_timesteps("ldm" if self.latent else "quad", steps)
+
+    @property
+    def final_abar(self):
+        """ᾱ below the first step: 1 (the DDIM code), ᾱ_0 for an LDM (its DDIMSampler's alphas_prev[0])."""
+        return self.alphas_cumprod[0].item() if self.latent else 1.0
+
+    def sample(self, eps_fn, x, seq, **kw):
+        return ddim_sample(eps_fn, x, seq, self.alphas_cumprod, final_abar=self.final_abar, **kw)
+
+    @torch.no_grad()
+    def images(self, net, noise, seq, *, labels=None, eta=0.0, cfg_scale=1.0, batch=64, before_step=None):
+        """Decoded DDIM samples of `net` from `noise` (labels: their classes or None), `batch` at a time."""
+        out = []
+        for i in tqdm(range(0, len(noise), batch), desc="sampling", leave=False):
+            y = None if labels is None else labels[i:i + batch]
+            eps = self.eps(net, y, cfg_scale)
+            z = self.sample(eps, noise[i:i + batch], seq, eta=eta, before_step=before_step)
+            out.append(self.decode(z).cpu())
+        return torch.cat(out)
+
+    def points(self, net, noise, seq, generator, *, labels=None, eta=0.0, cfg_scale=1.0, n=512):
+        """common.held_out on this model's sampler: n random inputs (x, t, idx[, y]) of net's trajectories."""
+        return held_out(self.eps(net, labels, cfg_scale), noise, seq, self.alphas_cumprod, generator, n=n,
+                        labels=labels, eta=eta, final_abar=self.final_abar)
+
+    def labels(self, n, generator=None):
+        """Class labels of n samples, or None: in order, n/1000 per class (EDA-DM's 50 per class at 50k);
+        with a generator, at random (calibration)."""
+        if not self.classes:
+            return None
+        return torch.randint(self.classes, (n,), generator=generator) if generator else torch.arange(n) % \
+            self.classes
+
+    def eps(self, net, y=None, cfg_scale=1.0):
+        """ε(x, t) for the sampler: net itself, or with labels y; classifier-free guidance for s ≠ 1 as the
+        official DDIMSampler: ε_u + s (ε_c − ε_u) from one batch [uncond; cond]."""
+        if y is None:
+            return net
+        if cfg_scale == 1.0:
+            return lambda x, t: net(x, t, y.to(x.device))
+
+        def guided(x, t):
+            y2 = torch.cat([torch.full_like(y, self.classes), y]).to(x.device)
+            e_u, e_c = net(torch.cat([x, x]), torch.cat([t, t]), y2).chunk(2)
+            return e_u + cfg_scale * (e_c - e_u)
+        return guided
+
+    def with_uncond(self, data, cfg_scale):
+        """Data points (dict x, t, idx, y) and, under guidance, their unconditional copies: the network sees
+        both halves of every guided batch."""
+        if "y" not in data or cfg_scale == 1.0:
+            return data
+        null = torch.full_like(data["y"], self.classes)
+        return {k: torch.cat([v, null if k == "y" else v]) for k, v in data.items()}
+
+    def example(self, device):
+        """Inputs of one forward (zeros), e.g. to trace the order of layers or blocks."""
+        x, t = torch.zeros(1, *self.shape, device=device), torch.zeros(1, device=device)
+        return (x, t) + ((torch.zeros(1, dtype=torch.long, device=device),) if self.classes else ())
+
+
+@torch.no_grad()
+def in_order(model, example, blocks, layers):
+    """Names of the modules of types `blocks`, and of types `layers` outside them, in the order one forward
+    on the inputs `example` runs them (not registration order: DDPM's up path runs in reverse index order)."""
+    units = [(n, m) for n, m in model.named_modules() if isinstance(m, blocks)]
+    units += [(n, m) for n, m in model.named_modules()
+              if isinstance(m, layers) and not any(n.startswith(u + ".") for u, _ in units)]
+    order = []
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: order.append(n)) for n, m in units]
+    try:
+        model(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def load_model(name, ckpt=None, *, cfg_scale=1.0):
+    """The Diffusion of a DDPM (models/ddpm.py CONFIGS) or LDM (models/ldm.py CONFIGS) name, with the
+    weights of `ckpt` (a path; default: the model's own checkpoint), loaded strictly, in eval mode.
+    cfg_scale: the guidance the caller will use, checked against the model (a one-line error)."""
+    from models import ddpm, ldm                    # here, so that `python -m models.ldm` runs one copy of it
+    if cfg_scale != 1.0 and not (name in ldm.CONFIGS and ldm.CONFIGS[name]["cond_stage"]):
+        raise UserError(f"--cfg-scale {cfg_scale}: {name} is not class-conditional; drop the flag")
+    if name in ddpm.CONFIGS:
+        unet = ddpm.load_unet(name, ckpt)
+        res = unet.resolution
+        return Diffusion(unet, (3, res, res), linear_alphas_cumprod(), False, nn.Identity(), 0, "mid.attn_1")
+    if name in ldm.CONFIGS:
+        m = ldm.load_ldm(name, ckpt)
+        net = m.unet if m.cond_stage is None else ldm.ClassConditional(m.unet, m.cond_stage)
+        feature = ("unet." if m.cond_stage is not None else "") + "middle_block.1"
+        classes = m.cond_stage.embedding.num_embeddings - 1 if m.cond_stage is not None else 0
+        return Diffusion(net, ldm.CONFIGS[name]["latent"], m.alphas_cumprod, True,
+                         ldm.Decode(m.first_stage, m.scale_factor), classes, feature)
+    raise UserError(f"unknown model {name!r}; choose one of {', '.join([*ddpm.CONFIGS, *ldm.CONFIGS])}")

@@ -20,6 +20,7 @@ papers evaluate (LDM-4 ImageNet cin256-v2, LDM-4 LSUN-Bedroom, LDM-8 LSUN-Church
     unet, first_stage, cond_stage, alphas_cumprod, scale_factor = load_ldm("ldm-lsun-church")
 """
 import codecs, collections, math, os, pickle, shutil, urllib.request, zipfile
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -343,6 +344,17 @@ class ClassEmbedder(nn.Module):
         return self.embedding(y[:, None])
 
 
+class ClassConditional(nn.Module):
+    """cin256-v2 as one network ε(x, t, y): the UNet reads the class embedder's context (class 1000: none)."""
+
+    def __init__(self, unet, cond_stage):
+        super().__init__()
+        self.unet, self.cond_stage = unet, cond_stage
+
+    def forward(self, x, t, y):
+        return self.unet(x, t, self.cond_stage(y))
+
+
 # -----------------------------------------------------------------------------
 # The first stage's decoding half (ldm/modules/diffusionmodules/model.py Decoder, ldm/models/autoencoder.py)
 
@@ -552,6 +564,18 @@ def empty(cls, *args, **kwargs):
     return module.to_empty(device="cpu")
 
 
+class Decode(nn.Module):
+    """Latents -> images: first_stage(z / scale_factor) (LatentDiffusion.decode_first_stage; VQ: snapped to
+    the codebook first)."""
+
+    def __init__(self, first_stage, scale_factor):
+        super().__init__()
+        self.first_stage, self.scale_factor = first_stage, scale_factor
+
+    def forward(self, z):
+        return self.first_stage(z / self.scale_factor)
+
+
 class LDM(NamedTuple):
     unet: UNetModel
     first_stage: FirstStageDecoder
@@ -605,3 +629,52 @@ def load_ldm(name, ckpt=None):
         raise UserError(f"unknown model {name!r}; choose one of {', '.join(CONFIGS)}")
     path = fetch_ldm(ckpt or name)
     return from_state_dict(name, read_checkpoint(path), path)
+
+
+# -----------------------------------------------------------------------------
+# Sampling a grid from the command line:  python -m models.ldm --model ldm-lsun-church --ckpt FILE
+
+@dataclass
+class SampleConfig:
+    """DDIM samples of an LDM checkpoint as a PNG grid (the papers' sampler settings by default)."""
+    model: str = "ldm-lsun-church"  # ldm-cin256-v2, ldm-lsun-bedroom or ldm-lsun-church
+    ckpt: str = ""                 # the model's .ckpt (default: its download, cached)
+    n: int = 4                     # images (cin256-v2: classes 0, 1, … in order)
+    steps: int = 20                # DDIM steps
+    eta: float = 0.0               # DDIM η (0: deterministic)
+    cfg_scale: float = 1.0         # classifier-free guidance scale (cin256-v2; 1: none)
+    batch: int = 4                 # images per forward
+    seed: int = 0                  # seed of x_T (and of the η > 0 noise)
+    device: str = "auto"           # auto, cpu or cuda
+    out: str = "ldm_grid.png"      # the PNG grid
+
+
+SAMPLE_PRESETS = {"ldm-cin256-v2": dict(cfg_scale=3.0), "ldm-lsun-bedroom": dict(eta=1.0),
+                  "ldm-lsun-church": {}}
+
+
+@torch.no_grad()
+def main():
+    from common import parse_config, pick_device, save_grid, seed_everything
+    from models import load_model
+    cfg = parse_config(SampleConfig, SAMPLE_PRESETS)
+    if cfg.n < 1 or cfg.batch < 1 or not 1 <= cfg.steps <= 1000 or cfg.eta < 0:
+        raise UserError("need --n >= 1, --batch >= 1, 1 <= --steps <= 1000, --eta >= 0")
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    d = load_model(cfg.model, cfg.ckpt or None, cfg_scale=cfg.cfg_scale)
+    net, decode = d.net.to(device), d.decode.to(device)
+    noise = torch.randn(cfg.n, *d.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    labels, images = d.labels(cfg.n), []
+    for i in tqdm(range(0, cfg.n, cfg.batch), desc="sampling"):
+        y = None if labels is None else labels[i:i + cfg.batch]
+        z = d.sample(d.eps(net, y, cfg.cfg_scale), noise[i:i + cfg.batch], d.timesteps(cfg.steps),
+                     eta=cfg.eta, progress=True)
+        images.append(decode(z).cpu())
+    save_grid(torch.cat(images), cfg.out, nrow=min(cfg.n, 8))
+    print(f"{cfg.n} samples of {cfg.model}, DDIM-{cfg.steps} η {cfg.eta}, CFG {cfg.cfg_scale} -> {cfg.out}")
+
+
+if __name__ == "__main__":
+    from common import run_main
+    run_main(main)
