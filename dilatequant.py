@@ -64,11 +64,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (QuantConv2d, QuantLinear, Quantizer, UserError, check_bits, fake_quant, fid_or_none,
-                    first_last_layers, load_saved, load_strict, lp_search_range, minmax_range,
+                    load_saved, load_strict, lp_search_range, minmax_range,
                     net_args, parse_config, parse_list, peak_mb, pick_device, predict, print_table, psnr,
                     replace_modules, resolve_bits, round_ste, run_main, save_grid, save_panels,
                     save_safetensors, seed_everything, set_quant, write_record)
-from models import in_order, ldm, load_model
+from models import first_last_layers, in_order, ldm, load_model
 from models.ddpm import AttnBlock, Downsample, ResnetBlock, Upsample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -259,7 +259,7 @@ def switch(model, on):
 def special_layers(q, rule, example):
     """(layers with 8-bit weights, with 8-bit inputs, with FP inputs) of the first/last-layer `rule`.
     "position", the papers' "first and last layers at 8 bit": the layer that reads x_t (conv_in) and the
-    one that writes ε (conv_out), found by data flow (common.first_last_layers), at W8A8. "official":
+    one that writes ε (conv_out), found by data flow (models.first_last_layers), at W8A8. "official":
     BienLuky/EDA-DM qdiff/quant_model.py (set_first_last_layer_to_8bit, disable_network_output_quantization)
     in registration order: 8-bit weights of the first and last layers (temb.dense.0, conv_out, so x_t is
     read at the low bit width), conv_out's input FP, the second-to-last layer's input (a_list[-2]) at

@@ -33,7 +33,7 @@ Where this differs from the paper or the official code:
 - LDM: N = 1024 from B = 64 trajectories reused (one step each per pass) and scored; the official LDM scripts
   sample 16 × 64 fresh trajectories and score the first 64. Cached unit data on the CPU in fp16: --cpu-cache.
 - The papers' "first and last layers at 8 bit" by position in the network: conv_in and conv_out, 8-bit
-  weights and inputs (common.first_last_layers). The official code (qdiff/quant_model.py,
+  weights and inputs (models.first_last_layers). The official code (qdiff/quant_model.py,
   set_first_last_layer_to_8bit, disable_network_output_quantization) picks by registration order: 8-bit
   temb.dense.0 and conv_out weights, conv_out's input FP, an 8-bit input on a_list[-2], the second-to-last
   layer registered: --first-last official (none: every layer at the requested bits).
@@ -58,11 +58,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (QuantConv2d, QuantLinear, UserError, check_bits, eps_mse, fake_quant, fid_or_none,
-                    first_last_layers, load_saved, load_strict, lp_search_range, minmax_range,
+                    load_saved, load_strict, lp_search_range, minmax_range,
                     net_args, parse_config, parse_list, peak_mb, pick_device, predict, print_table, psnr,
                     quant_params, replace_modules, resolve_bits, run_main, save_grid, save_panels,
                     save_safetensors, seed_everything, set_quant, write_record)
-from models import in_order, ldm, load_model
+from models import first_last_layers, in_order, ldm, load_model
 from models.ddpm import AttnBlock, ResnetBlock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -227,7 +227,7 @@ def quantize(fp, w_bits, a_bits, sm_bits, *, search, example, split=True, first_
     block's shortcut_h/shortcut_skip hooks (so nin_shortcut itself gets no input quantizer) and its weight
     halves get their own ranges. Weight ranges are set here from the weights alone (official
     set_weight_quantize_params gets the same). The layers kept at 8 bit, by first_last:
-      "position": the first layer by data flow and the last (common.first_last_layers, `fp` traced on the
+      "position": the first layer by data flow and the last (models.first_last_layers, `fp` traced on the
           inputs `example`: conv_in and conv_out), 8-bit weights and 8-bit inputs;
       "official" (qdiff/quant_model.py, QuantModel.set_first_last_layer_to_8bit and
           disable_network_output_quantization): the first and last weight quantizers in registration order

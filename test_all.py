@@ -29,6 +29,7 @@ import qdit
 from common import (Quantizer, QuantConv2d, QuantLinear, UserError, ddim_sample, ddim_timesteps, fake_quant,
                     linear_alphas_cumprod, load_saved, load_state_dict, lp_search_range, minmax_range, qrange,
                     quant_params, read_safetensors, replace_modules, save_safetensors, set_quant, to_rows)
+import models
 from models import dit, vae
 from models.ddpm import UNet, from_diffusers
 
@@ -152,7 +153,7 @@ def test_first_last_layers_by_data_flow_on_both_unets():
         names = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         assert names[0] == "temb.dense.0"                           # registration order starts elsewhere
         x = torch.zeros(1, 3, 32, 32)
-        assert common.first_last_layers(net, x, torch.zeros(1)) == ("conv_in", "conv_out"), name
+        assert models.first_last_layers(net, x, torch.zeros(1)) == ("conv_in", "conv_out"), name
         assert not any(m._forward_pre_hooks for m in net.modules())
 
 
@@ -1572,7 +1573,7 @@ def test_ldm_names_and_shapes_equal_the_official():
         assert len({k.replace(".", "") for k in unet.state_dict()}) == len(official[name])
         size = cfg["unet"]["image_size"]
         assert cfg["latent"] == (cfg["unet"]["in_channels"], size, size)
-        assert name in ldm.LDM_CHECKPOINTS
+        assert name in common.CHECKPOINTS
 
 
 @pytest.mark.parametrize("name", LDM_NAMES)
@@ -1596,7 +1597,6 @@ def test_ldm_parity_with_official_code(name, tmp_path, monkeypatch):
 
 def test_ldm_ddim_equals_the_official_sampler(tmp_path, monkeypatch):
     # official DDIMSampler.sample(S=20, x_T=..., eta=..., ...) outputs (fixtures/README.md, ldm_ddim)
-    import models
     fx, meta = read_safetensors(os.path.join(FIX, "ldm_ddim.safetensors"), metadata=True)
     outs = {}
     for key, name, eta, cfg_scale in (("bedroom/eta0", "ldm-lsun-bedroom", 0.0, 1.0),
@@ -1708,26 +1708,26 @@ def test_ldm_strict_loading_errors(tmp_path, monkeypatch):
 
 
 def test_ldm_download_unzips_model_ckpt_and_offline_names_the_url(tmp_path, monkeypatch):
-    monkeypatch.setattr(ldm, "CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(common, "CACHE", str(tmp_path / "cache"))
     torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "model.ckpt")
     with zipfile.ZipFile(tmp_path / "lsun.zip", "w") as z:
         z.write(tmp_path / "model.ckpt", "model.ckpt")
 
     class Response(BytesIO):
         headers = {}
-    monkeypatch.setattr(ldm.urllib.request, "urlopen",
+    monkeypatch.setattr(common.urllib.request, "urlopen",
                         lambda url, timeout: Response((tmp_path / "lsun.zip").read_bytes()))
-    path = ldm.fetch_ldm("ldm-lsun-church")
+    path = common.fetch_checkpoint("ldm-lsun-church")
     assert path == str(tmp_path / "cache" / "ldm-lsun-church.ckpt")
     assert ldm.read_checkpoint(path)["w"].tolist() == [1.0, 1.0]
     assert os.listdir(tmp_path / "cache") == [os.path.basename(path)]           # the zip is gone
 
     def offline(url, timeout):
         raise urllib.error.URLError("no network")
-    monkeypatch.setattr(ldm.urllib.request, "urlopen", offline)
-    url = ldm.LDM_CHECKPOINTS["ldm-lsun-bedroom"][0]
+    monkeypatch.setattr(common.urllib.request, "urlopen", offline)
+    url = common.CHECKPOINTS["ldm-lsun-bedroom"][0]
     with pytest.raises(UserError, match=re.escape(f"fetch {url} by hand and unzip its model.ckpt")):
-        ldm.fetch_ldm("ldm-lsun-bedroom")
+        common.fetch_checkpoint("ldm-lsun-bedroom")
 
 
 
@@ -1775,7 +1775,6 @@ def ldm_random_checkpoint(name, path, seed=0):
 def test_ldm_dilatequant_and_edadm_end_to_end(name, tmp_path, monkeypatch):
     import dilatequant as dq
     import edadm as ed
-    import models
     ldm_narrow(name, monkeypatch)
     ckpt = str(ldm_random_checkpoint(name, tmp_path / "model.ckpt"))
     small = ["--model", name, "--ckpt", ckpt, "--steps", "2", "--calib", "4", "--calib-traj", "2",
@@ -1811,7 +1810,6 @@ def test_ldm_dilatequant_and_edadm_end_to_end(name, tmp_path, monkeypatch):
 def test_ldm_quantizer_placement(monkeypatch):
     import dilatequant as dq
     import edadm as ed
-    import models
     for name in ("ldm-lsun-church", "ldm-cin256-v2"):
         ldm_narrow(name, monkeypatch)
         torch.manual_seed(0)

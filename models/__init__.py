@@ -93,6 +93,25 @@ class Diffusion(NamedTuple):
 
 
 @torch.no_grad()
+def first_last_layers(model, x, *args):
+    """The first and last layers by data flow in one forward model(x, *args): the first Conv/Linear fed x
+    itself and the last to run (DDPM UNet: conv_in, conv_out; registration order puts temb.dense.0 first)."""
+    order, readers = [], []                             # the layers that ran, and those fed x itself
+
+    def record(name, inp):
+        order.append(name)
+        readers.extend([name] if inp is x else [])
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: record(n, a[0])) for n, m in model.named_modules()
+             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    try:
+        model(x, *args)
+    finally:
+        for h in hooks:
+            h.remove()
+    return readers[0], order[-1]
+
+
+@torch.no_grad()
 def in_order(model, example, blocks, layers):
     """Names of the modules of types `blocks`, and of types `layers` outside them, in the order one forward
     on the inputs `example` runs them (not registration order: DDPM's up path runs in reverse index order)."""

@@ -15,11 +15,13 @@ papers evaluate (LDM-4 ImageNet cin256-v2, LDM-4 LSUN-Bedroom, LDM-8 LSUN-Church
   cat([h, skip]) where an output ResBlock's `skip_connection` 1×1 conv reads it.
 - `read_checkpoint`: PyTorch-Lightning `.ckpt` files read by a restricted unpickler that builds tensors
   and nothing else; `load_ldm` loads a model's UNet (EMA weights where the model samples from them),
-  decoder, class embedder, `alphas_cumprod` and `scale_factor` strictly.
+  decoder, class embedder, `alphas_cumprod` and `scale_factor` strictly; the URLs are common.CHECKPOINTS.
+- `python -m models.ldm --model ldm-lsun-church --ckpt FILE`: a grid of DDIM samples (the sampler and the
+  guidance: models/__init__.py, `load_model`).
 
     unet, first_stage, cond_stage, alphas_cumprod, scale_factor = load_ldm("ldm-lsun-church")
 """
-import codecs, collections, math, os, pickle, shutil, urllib.request, zipfile
+import codecs, collections, math, pickle, zipfile
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -28,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import CACHE, UserError, atomic_write, fetch_checkpoint, load_strict, read_safetensors
+from common import UserError, fetch_checkpoint, load_strict, read_safetensors
 from models.ddpm import AttnBlock, Normalize, Upsample  # Upsample: nearest ×2, 3×3 `conv`; UNet and decoder
 from models.dit import timestep_embedding  # cos half, then sin half, f_k = 10000^(−k/half): util.py's as well
 
@@ -64,19 +66,6 @@ CONFIGS = {
         first_stage=KL_F8, cond_stage=None,
         latent=(4, 32, 32), linear_start=0.0015, linear_end=0.0155, use_ema=True, scale_by_std=True),
 }
-# name -> (URL, hash, cache file name) as common.CHECKPOINTS. No hashes are published: strict loading checks
-# the file. The LSUN URLs are zips holding model.ckpt (scripts/download_models.sh); cin256-v2 is a plain .ckpt
-# (scripts/latent_imagenet_diffusion.ipynb).
-LDM_CHECKPOINTS = {
-    "ldm-cin256-v2": ("https://ommer-lab.com/files/latent-diffusion/nitro/cin/model.ckpt", None,
-                      "ldm-cin256-v2.ckpt"),                       # 1,827,378,153 bytes
-    "ldm-lsun-bedroom": ("https://ommer-lab.com/files/latent-diffusion/lsun_bedrooms.zip", None,
-                         "ldm-lsun-bedroom.ckpt"),
-    "ldm-lsun-church": ("https://ommer-lab.com/files/latent-diffusion/lsun_churches.zip", None,
-                        "ldm-lsun-church.ckpt"),
-}
-
-
 def ldm_alphas_cumprod(linear_start, linear_end, T=1000):
     """ᾱ_t of LDM's "linear" schedule, β_t = linspace(√β_0, √β_T, T)² in float64
     (ldm/modules/diffusionmodules/util.py make_beta_schedule; diffusers calls it scaled_linear)."""
@@ -441,7 +430,8 @@ class FirstStageDecoder(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: a restricted unpickler for the Lightning .ckpt files, the download, strict loading
+# Checkpoints: a restricted unpickler for the Lightning .ckpt files, strict loading (the download and the
+# URLs: common.fetch_checkpoint, common.CHECKPOINTS)
 
 STORAGES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
             "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
@@ -525,38 +515,6 @@ def read_checkpoint(path):
     return sd
 
 
-def fetch_ldm(name_or_path):
-    """A path (common.fetch_checkpoint), or an LDM_CHECKPOINTS name: downloaded once into common.CACHE (a
-    zip is unpacked to its model.ckpt); without network, the error says which URL to fetch by hand."""
-    if name_or_path not in LDM_CHECKPOINTS:
-        if os.path.isfile(name_or_path) or os.sep in name_or_path or "." in name_or_path:
-            return fetch_checkpoint(name_or_path)
-        raise UserError(f"{name_or_path!r} is neither a file nor an LDM checkpoint; "
-                        f"known: {', '.join(LDM_CHECKPOINTS)}")
-    url, _, fname = LDM_CHECKPOINTS[name_or_path]
-    path, part = os.path.join(CACHE, fname), os.path.join(CACHE, fname + ".part")
-    if os.path.isfile(path):
-        return path
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, atomic_write(part) as f, tqdm(
-                total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                desc=fname) as bar:
-            for chunk in iter(lambda: r.read(1 << 20), b""):
-                f.write(chunk)
-                bar.update(len(chunk))
-        if url.endswith(".zip"):
-            with zipfile.ZipFile(part) as zf, zf.open("model.ckpt") as src, atomic_write(path) as dst:
-                shutil.copyfileobj(src, dst, 1 << 24)
-            os.remove(part)
-        else:
-            os.replace(part, path)
-    except (OSError, zipfile.BadZipFile, KeyError) as e:
-        raise UserError(f"cannot download {name_or_path} ({getattr(e, 'reason', e)}): fetch {url} by hand"
-                        f"{' and unzip its model.ckpt' if url.endswith('.zip') else ''}, put it at {path}, "
-                        "or pass the file's path") from None
-    return path
-
-
 def empty(cls, *args, **kwargs):
     """cls(*args, **kwargs) with uninitialised weights (built on the meta device): a checkpoint fills them."""
     with torch.device("meta"):
@@ -624,10 +582,11 @@ def sub(sd, prefix):
 
 def load_ldm(name, ckpt=None):
     """LDM(unet, first_stage, cond_stage, alphas_cumprod, scale_factor) of CONFIGS[name], with the weights
-    of `ckpt` (a path, e.g. --ckpt FILE, or an LDM_CHECKPOINTS name; default: the model's own), eval mode."""
+    of `ckpt` (a path, e.g. --ckpt FILE, or a common.CHECKPOINTS name; default: the model's own), in eval
+    mode."""
     if name not in CONFIGS:
         raise UserError(f"unknown model {name!r}; choose one of {', '.join(CONFIGS)}")
-    path = fetch_ldm(ckpt or name)
+    path = fetch_checkpoint(ckpt or name)
     return from_state_dict(name, read_checkpoint(path), path)
 
 
