@@ -541,7 +541,7 @@ def check_config(cfg):
         raise UserError(f"--first-last {cfg.first_last!r}: choose from {', '.join(FIRST_LAST)}")
     if not 2 <= cfg.steps <= 1000 or cfg.eta < 0:
         raise UserError(f"--steps {cfg.steps} / --eta {cfg.eta}: DDIM needs 2..1000 steps and η >= 0")
-    if not cfg.batch <= cfg.calib <= cfg.calib_traj * cfg.steps:
+    if not cfg.load and not cfg.batch <= cfg.calib <= cfg.calib_traj * cfg.steps:   # --load: no calibration
         raise UserError(f"--calib {cfg.calib} must lie in [--batch {cfg.batch}, --calib-traj x --steps = "
                         f"{cfg.calib_traj * cfg.steps}] (the FP trajectories hold that many points)")
     if (cfg.lam < 0 or cfg.radius <= 0 or cfg.gamma < 0 or not 0 < cfg.qdrop <= 1 or cfg.iters < 0
@@ -604,12 +604,13 @@ def load_variant(fp, state, saved, cfg, example):
 
 
 # The settings a saved model carries: those that shape its quantizers (a different value on --load is an
-# error), and the model, checkpoint, sampler and seed it was evaluated with (--load's defaults; flags win)
+# error), and the model, checkpoint, sampler, N and seed it was evaluated with (--load's defaults; flags win)
 FIXED = ("bits", "w_bits", "a_bits", "sm_bits", "split", "first_last")
+CARRIED = FIXED + ("model", "ckpt", "steps", "eta", "cfg_scale", "n", "eval_batch", "ref", "seed")
 
 
 def save_variant(q, name, variant, cfg):
-    meta = {k: getattr(cfg, k) for k in FIXED + ("model", "ckpt", "steps", "eta", "cfg_scale", "seed")}
+    meta = {k: getattr(cfg, k) for k in CARRIED}
     meta |= dict(adaround=variant["reconstruct"], tdac=variant["tdac"], fbr=variant["fbr"])
     save_safetensors(q.state_dict(), os.path.join(cfg.out, f"{name}.safetensors"),
                      metadata=dict(edadm=json.dumps(meta)))
