@@ -436,12 +436,12 @@ def psnr(x, ref):
     return (10 * torch.log10(4 / mse)).mean().item()
 
 
-def fid_or_none(images, ref):
-    """FID of `images` against the statistics `ref` (eval_fid.py), or None with a note when there is no
-    reference or no cached Inception: a missing metric, not a failed run."""
+def fid_or_none(images, ref, device="cpu"):
+    """FID of `images` against the statistics `ref` (eval_fid.py; the Inception on `device`), or None with a
+    note when there is no reference or no cached Inception: a missing metric, not a failed run."""
     try:
         import eval_fid
-        return eval_fid.fid_to_reference(images, ref)["fid"] if ref else None
+        return eval_fid.fid_to_reference(images, ref, device=device)["fid"] if ref else None
     except UserError as e:
         print(f"FID skipped: {e}")
         return None

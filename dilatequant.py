@@ -407,14 +407,17 @@ def blocks_in_order(model, example):
 
 @torch.no_grad()
 def block_io(model, block, calib, batch, want_output, cpu_cache=False):
-    """The inputs (and output) of `block` over the calibration set; the forward stops at the block. With
-    cpu_cache they are kept on the CPU in fp16 (an LDM's 5120 inputs of one block: up to 28 GB, Bedroom)."""
+    """The inputs of `block` over the calibration set, or with want_output its output alone (the inputs are
+    not kept); the forward stops at the block. With cpu_cache they are kept on the CPU in fp16 (an LDM's
+    5120 inputs of one block: up to 28 GB, Bedroom)."""
     ins, outs = [], []
     keep = (lambda a: a.detach().to("cpu", torch.float16)) if cpu_cache else (lambda a: a.detach())
 
     def hook(m, args, out):
-        ins.append([keep(a) for a in args])
-        outs.append(keep(out) if want_output else None)
+        if want_output:
+            outs.append(keep(out))
+        else:
+            ins.append([keep(a) for a in args])
         raise _Stop
 
     h = block.register_forward_hook(hook)
@@ -443,7 +446,7 @@ def distill_block(block, q_in, target, t_idx, *, iters, batch, lr_w, lr_q, lr_z,
     opt = torch.optim.Adam([dict(params=weights, lr=lr_w), dict(params=deltas, lr=lr_q),
                             dict(params=zeros, lr=lr_z)])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0)
-    losses, device = [], t_idx.device
+    losses, device = [], t_idx.device                                # kept on the device: no sync a step
     for _ in range(iters):
         b = torch.randint(len(target), (batch,), generator=generator)
         set_step(block, t_idx[b.to(device)])
@@ -458,10 +461,10 @@ def distill_block(block, q_in, target, t_idx, *, iters, batch, lr_w, lr_q, lr_z,
                 m.clamp_()
             elif isinstance(m, Quantizer):
                 m.delta.data.clamp_(min=1e-8)
-        losses.append(loss.item())
+        losses.append(loss.detach())
     for p in weights + deltas + zeros:
         p.requires_grad_(False)                                      # frozen from here on
-    return (losses[0], losses[-1]) if losses else (None, None)
+    return (losses[0].item(), losses[-1].item()) if losses else (None, None)
 
 
 def bkd(fp, q, calib, cfg, example, generator):
@@ -542,7 +545,7 @@ def scores(q, x, *, fp_x, held, eps_ref, cfg):
     e = predict(eps_of(q, quantized=True), held, cfg.eval_batch)
     k = q.eps_k[held["idx"]].view(-1, 1, 1, 1)
     return dict(eps_mse=F.mse_loss(e, eps_ref).item(), eps_mse_corrected=F.mse_loss(e / k, eps_ref).item(),
-                psnr=psnr(x, fp_x), fid=fid_or_none(x, cfg.ref))
+                psnr=psnr(x, fp_x), fid=fid_or_none(x, cfg.ref, e.device))
 
 
 # -----------------------------------------------------------------------------
@@ -640,8 +643,8 @@ def main():
     held = d.points(fp, noise[:64], seq, g, labels=None if labels is None else labels[:64], eta=cfg.eta,
                     cfg_scale=cfg.cfg_scale)                            # 512 points
     eps_ref = predict(eps_of(fp, quantized=False), held, cfg.eval_batch)
-    results = {"fp": dict(eps_mse=0.0, psnr=None, fid=fid_or_none(fp_x, cfg.ref), seconds=time.time() - t0,
-                          peak_mb=peak_mb(device))}
+    results = {"fp": dict(eps_mse=0.0, psnr=None, fid=fid_or_none(fp_x, cfg.ref, device),
+                          seconds=time.time() - t0, peak_mb=peak_mb(device))}
     save_grid(fp_x[:64], os.path.join(cfg.out, "grid_fp.png"))
     if not saved:
         calib = calibration_set(d, fp, seq, n=cfg.calib, trajectories=cfg.calib_traj, batch=cfg.eval_batch,

@@ -467,7 +467,7 @@ def reconstruct_unit(unit, fp_io, x_q, layers, *, gamma, iters, batch, lr_w, lr_
     hooks = [mods[n].register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, o)) for n in layers]
     for m in acts:
         m.keep = qdrop
-    losses, device = [], qlayers[0].weight.device
+    losses, device = [], qlayers[0].weight.device                    # kept on the device: no sync a step
     for it in range(iters):
         b = torch.randperm(len(y_fp), generator=generator)[:batch]  # without replacement
         fetch = lambda a: a[b.to(a.device)].to(device, torch.float32)  # noqa: E731  (from a CPU cache too)
@@ -486,7 +486,7 @@ def reconstruct_unit(unit, fp_io, x_q, layers, *, gamma, iters, batch, lr_w, lr_
             s.step()
         for m in acts:
             m.delta.data.clamp_(min=1e-8)
-        losses.append(loss.item())
+        losses.append(loss.detach())
     for h in hooks:
         h.remove()
     for m in qlayers:
@@ -495,7 +495,7 @@ def reconstruct_unit(unit, fp_io, x_q, layers, *, gamma, iters, batch, lr_w, lr_
     for m in acts:
         m.keep = 1.0
         m.delta.requires_grad_(False)
-    return (losses[0], losses[-1]) if losses else (None, None)
+    return (losses[0].item(), losses[-1].item()) if losses else (None, None)
 
 
 def reconstruct(fp, q, calib, *, example, gamma, iters, batch, lr_w, lr_a, qdrop, round_reg, generator,
@@ -622,8 +622,8 @@ def evaluate(q, ev, cfg, t0):
     x = ev["d"].images(q, ev["noise"], ev["seq"], labels=ev["labels"], eta=cfg.eta, cfg_scale=cfg.cfg_scale,
                        batch=cfg.eval_batch)
     return x, dict(eps_mse=eps_mse(lambda d: q(*net_args(d)), ev["held"], ev["eps_ref"], cfg.eval_batch),
-                   psnr=psnr(x, ev["fp_x"]), fid=fid_or_none(x, cfg.ref), seconds=time.time() - t0,
-                   peak_mb=peak_mb(ev["device"]))
+                   psnr=psnr(x, ev["fp_x"]), fid=fid_or_none(x, cfg.ref, ev["device"]),
+                   seconds=time.time() - t0, peak_mb=peak_mb(ev["device"]))
 
 
 def main():
@@ -661,8 +661,8 @@ def main():
                     cfg_scale=cfg.cfg_scale)
     ev = dict(d=d, noise=noise, labels=labels, seq=seq, held=held, fp_x=fp_x, device=device,
               eps_ref=predict(lambda c: fp(*net_args(c)), held, cfg.eval_batch))
-    results = {"fp": dict(eps_mse=0.0, psnr=None, fid=fid_or_none(fp_x, cfg.ref), seconds=time.time() - t0,
-                          peak_mb=peak_mb(device))}
+    results = {"fp": dict(eps_mse=0.0, psnr=None, fid=fid_or_none(fp_x, cfg.ref, device),
+                          seconds=time.time() - t0, peak_mb=peak_mb(device))}
     save_grid(fp_x[:64], os.path.join(cfg.out, "grid_fp.png"))
     calib, tdac = calibration_sets(d, fp, cfg, seq, g) if not saved else (None, None)
 

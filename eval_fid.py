@@ -14,10 +14,9 @@ the layout follows toshas/torch-fidelity.
     python eval_fid.py samples/ ref_stats.npz              # FID, and IS of samples/ when possible
     python eval_fid.py images.npz --save-stats stats.npz   # statistics only (arr_0: NHWC uint8)
 
-Measured: CIFAR-10 fragment (../shared/assets), 4,660 train vs 846 test images: FID 38.24 (small n
-biases FID upward). Features equal pytorch-fid's bit for bit on the same weights (bench/bench_fid.py);
-10.6 images/s on a 2-core CPU, pytorch-fid 6.7 (its NCHW batches; 10.8 given our channels-last ones).
-Not kept from pytorch-fid: features other than the 2048-d pool, DataLoader workers.
+Measured: CIFAR-10 fragment (../shared/assets), 4,660 train vs 846 test images: FID 38.24. Features equal
+pytorch-fid's bit for bit on the same weights (bench/bench_fid.py); 10.6 images/s on a 2-core CPU,
+pytorch-fid 6.7 (10.8 given our channels-last batches). Not kept: features other than the 2048-d pool.
 """
 import argparse, os, zipfile
 
@@ -215,9 +214,8 @@ def load_inception(path=None):
                         f"{cached[0]} (see .ci/run), or pass --inception")
     path = fetch_checkpoint(path)
     TF_NAMES = dict(weight="conv.weight", beta="bn.bias", mean="bn.running_mean", var="bn.running_var")
-    # torch.save files and TorchScript archives are both zips; only TorchScript ones hold constants.pkl
-    if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl")
-                                        for n in zipfile.ZipFile(path).namelist()):
+    if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl")     # torch.save files are zips too;
+                                        for n in zipfile.ZipFile(path).namelist()):  # TorchScript: constants
         try:                                            # TorchScript: we take its tensors, never run its code
             ts = torch.jit.load(path, map_location="cpu").state_dict()
         except Exception as e:
@@ -253,22 +251,25 @@ def statistics(images, model, batch_size=50, device="cpu", progress=True):
     n = len(images)
     if n < 2:
         raise UserError(f"FID needs at least 2 images, got {n}: the covariance of one image is undefined")
-    torch.backends.cudnn.allow_tf32 = False             # TF32 convolutions move features by ~1e-3
     model = model.to(device, memory_format=torch.channels_last)     # NHWC convs: ~1.5x faster on CPU
     s1, s2, logits = np.zeros(2048), np.zeros((2048, 2048)), []     # sum f, sum f f^T in float64 (as EDM)
-    for i in tqdm(range(0, n, batch_size), desc="inception", unit="batch", disable=not progress):
-        batch = images[i:i + batch_size]                 # b x H x W x 3 uint8, b files, or b float samples
-        if isinstance(images, list):
-            batch = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in batch])
-        x = torch.as_tensor(batch)
-        if x.is_floating_point():                        # b x 3 x H x W in [-1, 1] -> b x H x W x 3 uint8,
-            x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)  # as in a PNG
-        f = model(x.to(device).permute(0, 3, 1, 2).float() / 255)  # [b, 2048] from [b, 3, H, W] in [0, 1]
-        if model.fc is not None:
-            logits.append(model.logits(f).cpu())         # b x 1008
-        f = f.double().cpu().numpy()
-        s1 += f.sum(0)
-        s2 += f.T @ f
+    tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False  # TF32: features ±1e-3
+    try:
+        for i in tqdm(range(0, n, batch_size), desc="inception", unit="batch", disable=not progress):
+            batch = images[i:i + batch_size]             # b x H x W x 3 uint8, b files, or b float samples
+            if isinstance(images, list):
+                batch = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in batch])
+            x = torch.as_tensor(batch)
+            if x.is_floating_point():                    # b x 3 x H x W in [-1, 1] -> b x H x W x 3 uint8,
+                x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)  # as a PNG
+            f = model(x.to(device).permute(0, 3, 1, 2).float() / 255)  # [b, 2048] from [b, 3, H, W], [0, 1]
+            if model.fc is not None:
+                logits.append(model.logits(f).cpu())     # b x 1008
+            f = f.double().cpu().numpy()
+            s1 += f.sum(0)
+            s2 += f.T @ f
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32          # the caller's setting, as it was
     mu = s1 / n
     sigma = (s2 - n * np.outer(mu, mu)) / (n - 1)        # unbiased: np.cov(feats, rowvar=False)
     return mu, sigma, (inception_score(torch.cat(logits)) if logits and n >= 10 else None)
@@ -342,8 +343,9 @@ def read_input(path):
         if not path.endswith(".npz"):
             raise UserError(f"{path}: neither a folder of images nor an .npz file")
         try:
-            with np.load(path) as f:                    # allow_pickle=False: arrays only
-                data = {k: f[k] for k in ("mu", "sigma", "arr_0") if k in f.files}
+            with np.load(path) as f:                    # allow_pickle=False: arrays only; arr_0 (ADM: 2 GB)
+                keys = ("mu", "sigma") if {"mu", "sigma"} <= set(f.files) else ("mu", "sigma", "arr_0")
+                data = {k: f[k] for k in keys if k in f.files}
         except (OSError, ValueError, zipfile.BadZipFile) as e:
             raise UserError(f"{path}: unreadable .npz ({e})") from None
         if "mu" in data and "sigma" in data:            # statistics (ADM's reference batches hold both)
@@ -362,8 +364,7 @@ def read_input(path):
 
 def main():
     p = argparse.ArgumentParser(description="FID of two image sets (and IS), as pytorch-fid computes it. "
-                                "A PATH is a folder of images, an .npz of images (arr_0, NHWC uint8) "
-                                "or of statistics (mu, sigma).")
+                                "A PATH: a folder of images, an .npz of images (arr_0) or of mu, sigma.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="two to compare; or one, with --save-stats")
     p.add_argument("--save-stats", metavar="OUT.npz", help="write mu and sigma of the first PATH")
     p.add_argument("--batch-size", type=int, default=50)
@@ -390,8 +391,7 @@ def main():
             print(f"IS {path}: {isc[0]:.4f} ± {isc[1]:.4f}")
     if len(stats) == 2:
         print("FID:", frechet_distance(*stats[0], *stats[1]))
-    # pytorch-fid's --save-stats is a flag taking its output from PATH 2; ours names it
-    if args.save_stats:
+    if args.save_stats:                                 # pytorch-fid's takes PATH 2 as output; ours names it
         with atomic_write(args.save_stats) as f:          # OUT.npz.tmp, renamed once complete
             np.savez_compressed(f, mu=stats[0][0], sigma=stats[0][1])
 

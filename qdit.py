@@ -567,7 +567,7 @@ def fp_reference(fp, vae, cfg, g, device):
     eps_fp = eps_fn(fp, labels[:h], cfg.cfg_scale)
     bench["held"] = held_out(eps_fp, noise[:h], seq, abar, g, labels=labels[:h])
     bench["eps_ref"] = predict(guided(fp, cfg.cfg_scale), bench["held"], cfg.eval_batch)
-    return bench, dict(eps_mse=0.0, psnr=None, fid=fid_or_none(bench["fp_x"], cfg.ref),
+    return bench, dict(eps_mse=0.0, psnr=None, fid=fid_or_none(bench["fp_x"], cfg.ref, device),
                        seconds=time.time() - t0, peak_mb=peak_mb(device), mean_g=None)
 
 
@@ -637,7 +637,8 @@ def measure(q, rung, cfg, bench, t0):
                batch=cfg.eval_batch, vae=bench["vae"])
     genes = rung["genes"]
     row = dict(eps_mse=eps_mse(guided(q, cfg.cfg_scale), bench["held"], bench["eps_ref"], cfg.eval_batch),
-               psnr=psnr_u8(x, bench["fp_x"]), fid=fid_or_none(x, cfg.ref), seconds=time.time() - t0,
+               psnr=psnr_u8(x, bench["fp_x"]), fid=fid_or_none(x, cfg.ref, bench["noise"].device),
+               seconds=time.time() - t0,
                peak_mb=peak_mb(bench["noise"].device), mean_g=sum(genes) / len(genes) if all(genes) else None,
                act=rung["act"], weights=rung["weights"])
     return row, x

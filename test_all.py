@@ -382,6 +382,22 @@ def test_ddpm_parity_with_official_code(layout):
     assert (eps - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
+def test_ddpm_sampler_under_torchrun_writes_the_same_images(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["-m", "models.ddpm", "--n", "10", "--steps", "3", "--batch", "4"]
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "a.npz")], cwd=HERE, env=env,
+                         capture_output=True, text=True, timeout=300)
+    # torchrun parses flags that abbreviate its own (--n: --nnodes, --nproc_per_node) unless after `--`
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = subprocess.run([*torchrun, *args[:2], "--", *args[2:], "--out", str(tmp_path / "b.npz")], cwd=HERE,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-500:], two.stderr[-500:])
+    assert "2 process(es)" in two.stdout
+    a, b = np.load(tmp_path / "a.npz")["arr_0"], np.load(tmp_path / "b.npz")["arr_0"]
+    assert a.shape == (10, 32, 32, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert eval_fid.read_input(str(tmp_path / "a.npz")).shape == (10, 32, 32, 3)   # eval_fid reads it
+
+
 # ---- DiT and VAE
 # models/dit.py and models/vae.py against the official DiT models.py (@ed81ce2, with timm) and diffusers'
 # AutoencoderKL on tiny random weights, their full-size key lists, and strict loading (fixtures/README.md)
@@ -685,6 +701,24 @@ def test_fid_streaming_statistics_equal_numpy(tmp_path):
     assert np.allclose(eval_fid.statistics(files, net, 10, progress=False)[1], sigma, atol=1e-6)
     with pytest.raises(UserError, match="at least 2"):
         eval_fid.statistics(images[:1], net, progress=False)
+
+
+def test_fid_statistics_leave_tf32_as_it_was_and_stats_files_skip_their_images(tmp_path, monkeypatch):
+    net, images = ProjectionNet(8), np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        for flag in (True, False):
+            torch.backends.cudnn.allow_tf32 = flag
+            eval_fid.statistics(images, net, progress=False)
+            assert torch.backends.cudnn.allow_tf32 is flag
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(3), sigma=np.eye(3), arr_0=images)
+    read = []
+    get = np.lib.npyio.NpzFile.__getitem__
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda f, k: read.append(k) or get(f, k))
+    mu, sigma = eval_fid.read_input(str(tmp_path / "ref.npz"))      # ADM's reference: mu, sigma, 2 GB arr_0
+    assert read == ["mu", "sigma"] and sigma.shape == (3, 3)
 
 
 def test_fid_inception_score_known_answers():
