@@ -34,8 +34,7 @@ class UserError(Exception):
 
 def to_rows(x, granularity, group_size=0):
     if granularity == "group" and (group_size <= 0 or x.shape[-1] % group_size):
-        raise UserError(f"group size {group_size} does not divide the channel count {x.shape[-1]}; "
-                        "pick a divisor")
+        raise UserError(f"group size {group_size} does not divide the channel count {x.shape[-1]}; pick one")
     shape = {"tensor": (1, -1), "channel": (x.shape[0], -1), "group": (-1, group_size)}  # [1|C|·, ·|·|g]
     return x.reshape(shape[granularity])
 
@@ -245,8 +244,7 @@ def fetch_checkpoint(name_or_path):
                 h.update(chunk)
                 bar.update(len(chunk))
             if not h.hexdigest().startswith(hexd):                  # atomic_write then drops the file
-                raise UserError(f"{url} does not match its {algo} {hexd}; the download was removed, "
-                                "try again")
+                raise UserError(f"{url} does not match its {algo} {hexd}; the download was removed: retry")
         if zipped:
             with zipfile.ZipFile(download) as zf, zf.open("model.ckpt") as src, atomic_write(path) as dst:
                 shutil.copyfileobj(src, dst, 1 << 24)
@@ -492,8 +490,7 @@ def resolve_bits(bits, w_bits, a_bits):
     """(weight bits, activation bits): --w-bits / --a-bits where given (non-zero), else --bits; each
     checked by check_bits under the name of the flag that set it."""
     w_flag, a_flag = "w_bits" if w_bits else "bits", "a_bits" if a_bits else "bits"
-    check_bits(**{w_flag: w_bits or bits})
-    check_bits(**{a_flag: a_bits or bits})
+    check_bits(**{w_flag: w_bits or bits, a_flag: a_bits or bits})
     return w_bits or bits, a_bits or bits
 
 
@@ -521,8 +518,7 @@ def pick_device(name="auto"):
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
     """open(path + '.tmp'), renamed onto path only when the block succeeds: no half-written outputs."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path := os.fspath(path))), exist_ok=True)
     try:
         with open(path + ".tmp", mode) as f:
             yield f
@@ -533,17 +529,25 @@ def atomic_write(path, mode="wb"):
 
 
 def write_record(path, cfg, metrics, seconds, device):
-    """The JSON record of a run: config, seed, versions, device, git commit, wall time, metrics."""
+    """The JSON record of a run (config, seed, versions, device, git commit, wall time, metrics), with a
+    sampling run's protocol, also printed: sampler, steps, η, guidance, N, seeds, FID reference and hash."""
     git = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
                          capture_output=True, text=True).stdout.strip() or None
     config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
     versions = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    record = dict(config=config, seed=config.get("seed"), argv=sys.argv, git_commit=git, versions=versions,
-                  date=time.strftime("%Y-%m-%d %H:%M:%S"), wall_seconds=round(seconds, 2), device=name,
-                  threads=torch.get_num_threads(), metrics=metrics)
+    ref = config.get("ref") or None
+    with open(ref, "rb") if ref and os.path.isfile(ref) else contextlib.nullcontext() as f:
+        digest = f and hashlib.file_digest(f, "sha256").hexdigest()
+    protocol = {k: config.get(k) for k in ("model", "sampler", "steps", "eta", "cfg_scale", "n")} | dict(
+        noise=f"sample i: row i of one randn from seed {config.get('seed', 0) + 1}", reference=ref,
+        reference_sha256=digest) if "n" in config else None
+    record = dict(config=config, protocol=protocol, seed=config.get("seed"), argv=sys.argv, git_commit=git,
+                  versions=versions, date=time.strftime("%Y-%m-%d %H:%M:%S"), wall_seconds=round(seconds, 2),
+                  device=name, threads=torch.get_num_threads(), metrics=metrics)
     with atomic_write(path, "w") as f:
         json.dump(record, f, indent=2)
+    print((f"protocol: {json.dumps(protocol)}\n" if protocol else "") + f"results -> {path}")
     return record
 
 

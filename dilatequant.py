@@ -676,9 +676,8 @@ def main():
         panels = {"FP": fp_x[:32], f"naive PTQ W{w_bits}A{a_bits}": samples["ptq"],
                   f"DilateQuant W{w_bits}A{a_bits}": samples["dilatequant"]}
         save_panels(panels, os.path.join(cfg.out, "compare.png"))
-    write_record(os.path.join(cfg.out, "results.json"), asdict(cfg) | dict(w_bits=w_bits, a_bits=a_bits),
-                 results, time.time() - t_start, device)
-    print(f"results -> {os.path.join(cfg.out, 'results.json')}")
+    write_record(os.path.join(cfg.out, "results.json"), asdict(cfg) | dict(w_bits=w_bits, a_bits=a_bits,
+                 sampler=d.sampler), results, time.time() - t_start, device)
 
 
 if __name__ == "__main__":

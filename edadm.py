@@ -691,9 +691,8 @@ def main():
     print_table(results)
     if not saved:
         save_panels(panels, os.path.join(cfg.out, "compare.png"))
-    write_record(os.path.join(cfg.out, "results.json"), asdict(cfg),
+    write_record(os.path.join(cfg.out, "results.json"), asdict(cfg) | dict(sampler=d.sampler),
                  results | ({"tdac": tdac} if tdac else {}), time.time() - t_start, device)
-    print(f"results -> {os.path.join(cfg.out, 'results.json')}")
 
 
 if __name__ == "__main__":

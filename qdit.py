@@ -689,9 +689,8 @@ def main():
         wa, dyn = f"W{cfg.w_bits}A{cfg.a_bits}", [n for n, r in rungs.items() if r["act"] == "dynamic"]
         panels = {"FP": samples["FP"], f"RTN {wa}": samples["rtn"], f"Q-DiT {wa}": samples[dyn[-1]]}
         save_panels({k: to_float(v) for k, v in panels.items()}, os.path.join(cfg.out, "compare.png"))
-    write_record(os.path.join(cfg.out, "results.json"), asdict(cfg) | dict(fitness_used=kind), results,
-                 time.time() - t_start, device)
-    print(f"results -> {os.path.join(cfg.out, 'results.json')}")
+    run = asdict(cfg) | dict(sampler="DDIM, even timesteps (DiT space_timesteps)", fitness_used=kind)
+    write_record(os.path.join(cfg.out, "results.json"), run, results, time.time() - t_start, device)
 
 
 if __name__ == "__main__":

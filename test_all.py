@@ -15,7 +15,7 @@ Sections, in file order:
 
     python -m pytest -q test_all.py      # or: python test_all.py
 """
-import copy, json, math, os, random, re, subprocess, sys
+import copy, hashlib, json, math, os, random, re, subprocess, sys
 
 import numpy as np
 import pytest
@@ -345,6 +345,15 @@ def test_grid_and_record(tmp_path):
     rec = common.write_record(str(tmp_path / "r.json"), {"seed": 1}, {"fid": None}, 1.234,
                               torch.device("cpu"))
     assert json.load(open(tmp_path / "r.json"))["metrics"] == {"fid": None} and rec["wall_seconds"] == 1.23
+    assert rec["protocol"] is None                                   # not a sampling run
+    (tmp_path / "ref.npz").write_bytes(b"statistics")
+    run = dict(model="m", sampler="DDIM", steps=20, eta=1.0, cfg_scale=1.0, n=8, seed=4,
+               ref=str(tmp_path / "ref.npz"))
+    p = common.write_record(str(tmp_path / "r.json"), run, {}, 1.0, torch.device("cpu"))["protocol"]
+    assert p == dict(model="m", sampler="DDIM", steps=20, eta=1.0, cfg_scale=1.0, n=8, reference=run["ref"],
+                     noise="sample i: row i of one randn from seed 5",
+                     reference_sha256=hashlib.sha256(b"statistics").hexdigest())
+    assert json.load(open(tmp_path / "r.json"))["protocol"] == p
 
 
 # -----------------------------------------------------------------------------
@@ -1826,7 +1835,8 @@ def test_ldm_dilatequant_and_edadm_end_to_end(name, tmp_path, monkeypatch):
         assert (conf["eta"], conf["cfg_scale"], conf["steps"]) == {"ldm-lsun-bedroom": (1.0, 1.0, 2),
                                                                   "ldm-lsun-church": (0.0, 1.0, 2),
                                                                   "ldm-cin256-v2": (0.0, 3.0, 2)}[name]
-        assert conf["cpu_cache"] is True
+        assert conf["cpu_cache"] is True and rec["protocol"]["sampler"].startswith("DDIM, timesteps 1 + k")
+        assert rec["protocol"]["eta"] == conf["eta"] and rec["protocol"]["reference_sha256"] is None
         quantized = [v for v in m if v not in ("fp", "tdac")]
         trained = [v for v in quantized if m[v].get(log)]
         assert trained and all(math.isfinite(m[v]["eps_mse"]) and m[v]["eps_mse"] > 0 for v in quantized)

@@ -33,6 +33,10 @@ class Diffusion(NamedTuple):
         return ddim_timesteps("ldm" if self.latent else "quad", steps)
 
     @property
+    def sampler(self):  # for the run's protocol record
+        return "DDIM, timesteps 1 + k·T/S (CompVis DDIMSampler)" if self.latent else "DDIM, quad timesteps"
+
+    @property
     def final_abar(self):
         """ᾱ below the first step: 1 (the DDIM code), ᾱ_0 for an LDM (its DDIMSampler's alphas_prev[0])."""
         return self.alphas_cumprod[0].item() if self.latent else 1.0
