@@ -372,13 +372,12 @@ def ddim_timesteps(kind, steps, T=1000):
 @torch.no_grad()
 def ddim_sample(eps_fn, x, seq, alphas_cumprod, *, eta=0.0, generator=None, before_step=None,
                 trajectory=False, progress=False, final_abar=1.0):
-    """DDIM (Song et al. 2021, Eq. 12) from x = x_T down the timesteps `seq` to x_0, no clipping.
-    eps_fn(x_t, t) predicts ε (t: float tensor [B]). Step i pairs t = seq[i] with t_prev = seq[i−1]
-    (ᾱ = final_abar below seq[0]: 1, or ᾱ_0 in CompVis ldm/models/diffusion/ddim.py); before_step(i) runs
-    first, e.g. to select per-step quantizer rows; η > 0 draws from `generator` (None: the global RNG).
-    With trajectory=True also returns [(x_t, t, i), ...] in sampling order (x_t on the CPU)."""
-    abar = lambda t: final_abar if t < 0 else alphas_cumprod[t].item()
-    traj = []
+    """DDIM (Song et al. 2021, Eq. 12) from x = x_T down the timesteps `seq` to x_0, no clipping. eps_fn(x_t,
+    t) predicts ε (t: float [B]). Step i pairs t = seq[i] with seq[i−1] (ᾱ = final_abar below seq[0]: 1, or
+    ᾱ_0 as CompVis ldm/models/diffusion/ddim.py); before_step(i) runs first (per-step quantizer rows); η > 0
+    draws from `generator` (None: the global RNG; a list: a CPU generator per image). trajectory=True: also
+    [(x_t, t, i), ...] in sampling order, on the CPU."""
+    traj, abar = [], lambda t: final_abar if t < 0 else alphas_cumprod[t].item()
     for i in tqdm(range(len(seq) - 1, -1, -1), desc="ddim", disable=not progress, leave=False):
         t, a, a_prev = seq[i], abar(seq[i]), abar(seq[i - 1] if i > 0 else -1)
         if before_step is not None:
@@ -388,7 +387,9 @@ def ddim_sample(eps_fn, x, seq, alphas_cumprod, *, eta=0.0, generator=None, befo
         x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)                        # predicted x_0
         sigma = eta * math.sqrt((1 - a / a_prev) * (1 - a_prev) / (1 - a))      # Eq. 16
         x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma ** 2) * eps   # direction to x_t
-        if sigma > 0:
+        if sigma > 0 and isinstance(generator, list):                  # each image its own noise
+            x = x + sigma * torch.stack([torch.randn(x[0].shape, generator=g) for g in generator]).to(x)
+        elif sigma > 0:
             x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
     return (x, traj) if trajectory else x
 
@@ -405,8 +406,7 @@ def held_out(eps_fn, noise, seq, alphas_cumprod, generator, *, n=512, labels=Non
     data = dict(x=torch.cat([x for x, _, _ in traj]),
                 t=torch.cat([torch.full((len(x),), float(t)) for x, t, _ in traj]),
                 idx=torch.cat([torch.full((len(x),), i) for x, _, i in traj]))
-    if labels is not None:
-        data["y"] = labels.cpu().repeat(len(traj))
+    data |= {} if labels is None else dict(y=labels.cpu().repeat(len(traj)))
     pick = torch.randperm(len(data["x"]), generator=generator)[:n] if n else torch.arange(len(data["x"]))
     return {k: v[pick].to(noise.device) for k, v in data.items()}
 

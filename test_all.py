@@ -391,9 +391,9 @@ def test_ddpm_parity_with_official_code(layout):
     assert (eps - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
-def test_ddpm_sampler_under_torchrun_writes_the_same_images(tmp_path):
+def test_samplers_under_torchrun_write_the_same_images(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = ["-m", "models.ddpm", "--n", "10", "--steps", "3", "--batch", "4"]
+    args = ["-m", "models.ddpm", "--n", "10", "--steps", "3", "--batch", "4", "--eta", "1"]  # x_T, η noise
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "a.npz")], cwd=HERE, env=env,
                          capture_output=True, text=True, timeout=300)
     # torchrun parses flags that abbreviate its own (--n: --nnodes, --nproc_per_node) unless after `--`

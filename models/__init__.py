@@ -9,13 +9,17 @@ DDPM UNets of models/ddpm.py and the latent diffusion models of models/ldm.py.
 A `Diffusion` holds the ε network (cin256-v2: the UNet with its class embedder, ε(x, t, y)), the shape of
 x_T, ᾱ, the sampler's conventions and the decoder from the sampler's output to images in [−1, 1].
 """
+import os
 from typing import NamedTuple
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import UserError, ddim_sample, ddim_timesteps, held_out, linear_alphas_cumprod
+from common import (UserError, atomic_write, ddim_sample, ddim_timesteps, held_out, linear_alphas_cumprod,
+                    pick_device, save_grid)
 
 
 class Diffusion(NamedTuple):
@@ -130,6 +134,56 @@ def in_order(model, example, blocks, layers):
         for h in hooks:
             h.remove()
     return list(dict.fromkeys(order))
+
+
+# -----------------------------------------------------------------------------
+# Sampling many images over many processes (torchrun), the same images for any number of them
+
+def distributed(device="auto"):
+    """(rank, world size, device) of this process. Under torchrun (WORLD_SIZE set) the process group starts
+    (NCCL on CUDA, else gloo) and rank r takes cuda:LOCAL_RANK; a plain run is (0, 1, the device)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, pick_device(device)
+    cuda = torch.cuda.is_available() and device != "cpu"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), world, pick_device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+
+
+def image_generators(seed, indices):
+    """A CPU generator per image i, seeded by (seed, i) through numpy's SeedSequence: image i's x_T and its
+    DDIM noise depend on nothing else (not the batch, not the process that samples it)."""
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+            for i in indices]
+
+
+@torch.no_grad()
+def sample_sharded(sample_fn, n, shape, *, seed, batch, rank=0, world=1):
+    """Images 0..n−1 as uint8 [n, H, W, 3] on rank 0 (None on the others). Rank r samples r, r + W, ... with
+    sample_fn(x_T, generators, indices) -> [b, 3, H, W] in [−1, 1], `batch` at a time; every call holds
+    exactly `batch` images (the last padded: a kernel may round differently at another batch size)."""
+    mine, out = list(range(rank, n, world)), []
+    for i in tqdm(range(0, len(mine), batch), desc="sampling", disable=rank != 0):
+        idx = mine[i:i + batch]
+        gens = image_generators(seed, idx + [n] * (batch - len(idx)))        # padding: image n's, unused
+        x = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        x = sample_fn(x, gens, idx + [0] * (batch - len(idx)))[:len(idx)]
+        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
+    images = torch.cat(out) if out else torch.zeros(0, *shape[1:], 3, dtype=torch.uint8)
+    if world > 1:                                                    # ranks hold r, r + W, ...: interleave
+        parts = [None] * world
+        dist.all_gather_object(parts, images)
+        images = torch.stack([parts[i % world][i // world] for i in range(n)])
+    return images if rank == 0 else None
+
+
+def save_images(images, path):
+    """uint8 [N, H, W, 3] as a PNG grid, or as .npz under arr_0 (ADM's convention; eval_fid.py reads it)."""
+    if path.endswith(".npz"):
+        with atomic_write(path) as f:
+            np.savez(f, arr_0=images.numpy())
+    else:
+        save_grid(images.permute(0, 3, 1, 2).float() / 127.5 - 1, path, nrow=min(len(images), 8))
 
 
 def load_model(name, ckpt=None, *, cfg_scale=1.0):

@@ -16,20 +16,17 @@ arXiv 2006.11239; TF code hojonathanho/diffusion), with the module names of its 
     torchrun --nproc_per_node 8 -m models.ddpm -- --model ddpm-cifar10 --n 50000 --out samples.npz
 """
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (UserError, atomic_write, ddim_sample, ddim_timesteps, fetch_checkpoint,
-                    linear_alphas_cumprod, load_state_dict, load_strict, parse_config, pick_device, run_main,
-                    save_grid, seed_everything)
+from common import (UserError, ddim_sample, ddim_timesteps, fetch_checkpoint, linear_alphas_cumprod,
+                    load_state_dict, load_strict, parse_config, run_main, seed_everything)
 
 # Architectures by model name; the weights come from common.CHECKPOINTS under the same name.
 CONFIGS = {
@@ -266,59 +263,32 @@ class Config:
     steps: int = 100              # DDIM steps
     skip: str = "quad"            # timestep sequence: uniform, quad (CIFAR-10 setting) or even
     eta: float = 0.0              # DDIM eta (0: deterministic)
-    seed: int = 0                 # seed: image i starts from noise seeded by (seed, i)
+    seed: int = 0                 # seed: image i's noise comes from a generator seeded by (seed, i)
     batch: int = 500              # images per forward
     device: str = "auto"          # auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)
     out: str = "samples.png"      # a PNG grid, or .npz: uint8 [N, H, W, 3] under arr_0 (ADM's convention)
 
 
-def image_noise(seed, indices, shape):
-    """x_T of images `indices`: image i from its own generator, seeded by (seed, i) through numpy's
-    SeedSequence, so that an image does not depend on the batch or on the process that samples it."""
-    states = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in indices]
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in states])
-
-
 def main():
-    """One process, or one of WORLD_SIZE under torchrun (gloo on CPU, NCCL on CUDA): rank r samples images
-    r, r + W, r + 2W, ..., rank 0 gathers them in order and writes the output. Every forward holds exactly
-    --batch images (the last padded): a kernel may round differently at another batch size."""
+    """One process, or one of WORLD_SIZE under torchrun (models.sample_sharded): the same images."""
+    from models import distributed, sample_sharded, save_images    # here: `python -m models.ddpm` imports us
     cfg = parse_config(Config)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
-    local = os.environ.get("LOCAL_RANK", "0")
-    device = pick_device(f"cuda:{local}" if world > 1 and cfg.device == "auto" and torch.cuda.is_available()
-                         else cfg.device)
-    if cfg.eta > 0 and world > 1:
-        raise UserError("--eta > 0 draws step noise per batch: sample with one process, or with --eta 0")
     if not cfg.out.endswith((".png", ".npz")) or cfg.n < 1 or cfg.batch < 1:
         raise UserError(f"--out {cfg.out} / --n {cfg.n} / --batch {cfg.batch}: need a .png or .npz file, "
                         "n >= 1 and batch >= 1")
+    rank, world, device = distributed(cfg.device)
     seed_everything(cfg.seed)
-    seq = ddim_timesteps(cfg.skip, cfg.steps)
+    seq, abar = ddim_timesteps(cfg.skip, cfg.steps), linear_alphas_cumprod()
     net = load_unet(cfg.model, cfg.ckpt or None).to(device)
-    shape = (net.conv_in.in_channels, net.resolution, net.resolution)
-    mine, out = list(range(rank, cfg.n, world)), []
     t0 = time.time()
-    for i in range(0, len(mine), cfg.batch):
-        x = image_noise(cfg.seed, mine[i:i + cfg.batch], shape)
-        k, x = len(x), torch.cat([x, x.new_zeros(cfg.batch - len(x), *shape)]).to(device)
-        x = ddim_sample(net, x, seq, linear_alphas_cumprod(), eta=cfg.eta, progress=rank == 0)[:k]
-        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
-    images = torch.cat(out)                                          # [n_rank, H, W, 3]
-    if world > 1:                                                    # ranks hold r, r + W, ...: interleave
-        parts = [None] * world
-        dist.all_gather_object(parts, images)
-        images = torch.stack([parts[i % world][i // world] for i in range(cfg.n)])
+    images = sample_sharded(lambda x, gens, idx: ddim_sample(net, x.to(device), seq, abar, eta=cfg.eta,
+                                                             generator=gens),
+                            cfg.n, (net.conv_in.in_channels, net.resolution, net.resolution), seed=cfg.seed,
+                            batch=cfg.batch, rank=rank, world=world)
+    if world > 1:
         dist.destroy_process_group()
     if rank == 0:
-        if cfg.out.endswith(".npz"):
-            with atomic_write(cfg.out) as f:
-                np.savez(f, arr_0=images.numpy())
-        else:
-            save_grid(images.permute(0, 3, 1, 2).float() / 127.5 - 1, cfg.out)
+        save_images(images, cfg.out)
         print(f"{cfg.n} samples, {cfg.steps} {cfg.skip} DDIM steps, {world} process(es), "
               f"{time.time() - t0:.1f} s -> {cfg.out}")
 

@@ -28,7 +28,6 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from common import UserError, fetch_checkpoint, load_strict, read_safetensors
 from models.ddpm import AttnBlock, Normalize, Upsample  # Upsample: nearest ×2, 3×3 `conv`; UNet and decoder
@@ -598,14 +597,14 @@ class SampleConfig:
     """DDIM samples of an LDM checkpoint as a PNG grid (the papers' sampler settings by default)."""
     model: str = "ldm-lsun-church"  # ldm-cin256-v2, ldm-lsun-bedroom or ldm-lsun-church
     ckpt: str = ""                 # the model's .ckpt (default: its download, cached)
-    n: int = 4                     # images (cin256-v2: classes 0, 1, … in order)
+    n: int = 4                     # images (cin256-v2: image i of class i mod 1000)
     steps: int = 20                # DDIM steps
     eta: float = 0.0               # DDIM η (0: deterministic)
     cfg_scale: float = 1.0         # classifier-free guidance scale (cin256-v2; 1: none)
     batch: int = 4                 # images per forward
-    seed: int = 0                  # seed of x_T (and of the η > 0 noise)
+    seed: int = 0                  # image i's x_T and η noise: a generator seeded by (seed, i)
     device: str = "auto"           # auto, cpu or cuda
-    out: str = "ldm_grid.png"      # the PNG grid
+    out: str = "ldm_grid.png"      # a PNG grid, or .npz: uint8 [N, H, W, 3] under arr_0
 
 
 SAMPLE_PRESETS = {"ldm-cin256-v2": dict(cfg_scale=3.0), "ldm-lsun-bedroom": dict(eta=1.0),
@@ -614,24 +613,31 @@ SAMPLE_PRESETS = {"ldm-cin256-v2": dict(cfg_scale=3.0), "ldm-lsun-bedroom": dict
 
 @torch.no_grad()
 def main():
-    from common import parse_config, pick_device, save_grid, seed_everything
-    from models import load_model
+    """One process, or one of WORLD_SIZE under torchrun (models.sample_sharded): the same images either way
+    (image i: noise from a generator seeded by (seed, i), class i mod 1000 for cin256-v2)."""
+    from common import parse_config, seed_everything
+    from models import distributed, load_model, sample_sharded, save_images
     cfg = parse_config(SampleConfig, SAMPLE_PRESETS)
     if cfg.n < 1 or cfg.batch < 1 or not 1 <= cfg.steps <= 1000 or cfg.eta < 0:
         raise UserError("need --n >= 1, --batch >= 1, 1 <= --steps <= 1000, --eta >= 0")
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    if not cfg.out.endswith((".png", ".npz")):
+        raise UserError(f"--out {cfg.out}: a .png grid or an .npz (uint8 arr_0)")
     d = load_model(cfg.model, cfg.ckpt or None, cfg_scale=cfg.cfg_scale)
-    net, decode = d.net.to(device), d.decode.to(device)
-    noise = torch.randn(cfg.n, *d.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    labels, images = d.labels(cfg.n), []
-    for i in tqdm(range(0, cfg.n, cfg.batch), desc="sampling"):
-        y = None if labels is None else labels[i:i + cfg.batch]
-        z = d.sample(d.eps(net, y, cfg.cfg_scale), noise[i:i + cfg.batch], d.timesteps(cfg.steps),
-                     eta=cfg.eta, progress=True)
-        images.append(decode(z).cpu())
-    save_grid(torch.cat(images), cfg.out, nrow=min(cfg.n, 8))
-    print(f"{cfg.n} samples of {cfg.model}, DDIM-{cfg.steps} η {cfg.eta}, CFG {cfg.cfg_scale} -> {cfg.out}")
+    rank, world, device = distributed(cfg.device)
+    seed_everything(cfg.seed)
+    net, decode, seq = d.net.to(device), d.decode.to(device), d.timesteps(cfg.steps)
+
+    def sample(x, gens, idx):
+        y = None if not d.classes else torch.tensor(idx) % d.classes
+        z = d.sample(d.eps(net, y, cfg.cfg_scale), x.to(device), seq, eta=cfg.eta, generator=gens)
+        return decode(z)
+    images = sample_sharded(sample, cfg.n, d.shape, seed=cfg.seed, batch=cfg.batch, rank=rank, world=world)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank == 0:
+        save_images(images, cfg.out)
+        print(f"{cfg.n} samples of {cfg.model}, DDIM-{cfg.steps} η {cfg.eta}, CFG {cfg.cfg_scale}, {world} "
+              f"process(es) -> {cfg.out}")
 
 
 if __name__ == "__main__":
