@@ -160,9 +160,9 @@ def image_generators(seed, indices):
 @torch.no_grad()
 def sample_sharded(sample_fn, n, shape, *, seed, batch, rank=0, world=1):
     """Images 0..n−1 as uint8 [n, H, W, 3] on rank 0 (None on the others). Rank r samples r, r + W, ... with
-    sample_fn(x_T, generators, indices) -> [b, 3, H, W] in [−1, 1], `batch` at a time; every call holds
-    exactly `batch` images (the last padded: a kernel may round differently at another batch size)."""
-    mine, out = list(range(rank, n, world)), []
+    sample_fn(x_T, generators, indices) -> [b, 3, H, W] in [−1, 1]; every call holds exactly min(batch, n)
+    images, whatever the world size (the last padded: a kernel may round differently at another size)."""
+    mine, out, batch = list(range(rank, n, world)), [], min(batch, n)
     for i in tqdm(range(0, len(mine), batch), desc="sampling", disable=rank != 0):
         idx = mine[i:i + batch]
         gens = image_generators(seed, idx + [n] * (batch - len(idx)))        # padding: image n's, unused

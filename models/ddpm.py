@@ -13,7 +13,7 @@ arXiv 2006.11239; TF code hojonathanho/diffusion), with the module names of its 
 
     python -m models.ddpm --out grid.png                          # the bundled model, offline
     python -m models.ddpm --model ddpm-cifar10 --out grid.png     # the paper's (downloads 143 MB)
-    torchrun --nproc_per_node 8 -m models.ddpm -- --model ddpm-cifar10 --n 50000 --out samples.npz
+    torchrun --nproc_per_node 8 -m models.ddpm -- --model ddpm-cifar10 --n 50000 --batch 500 --out s.npz
 """
 import math
 import re
@@ -264,7 +264,7 @@ class Config:
     skip: str = "quad"            # timestep sequence: uniform, quad (CIFAR-10 setting) or even
     eta: float = 0.0              # DDIM eta (0: deterministic)
     seed: int = 0                 # seed: image i's noise comes from a generator seeded by (seed, i)
-    batch: int = 500              # images per forward
+    batch: int = 64               # images per forward (the same for any number of processes)
     device: str = "auto"          # auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)
     out: str = "samples.png"      # a PNG grid, or .npz: uint8 [N, H, W, 3] under arr_0 (ADM's convention)
 
