@@ -1,6 +1,5 @@
 """
 FID and Inception Score with the TF-FID Inception-v3 written out by hand (no torchvision).
-
 FID: Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule ...", arXiv 1706.08500
 (github.com/bioinf-jku/TTUR); IS: Salimans et al. 2016, arXiv 1606.03498. The network is TF's
 inception-2015-12-05 graph as ported by mseitzer/pytorch-fid, whose numbers this file reproduces;
@@ -13,6 +12,7 @@ the layout follows toshas/torch-fidelity.
 
     python eval_fid.py samples/ ref_stats.npz              # FID, and IS of samples/ when possible
     python eval_fid.py images.npz --save-stats stats.npz   # statistics only (arr_0: NHWC uint8)
+    torchrun --nproc_per_node 8 eval_fid.py samples.npz ref_stats.npz   # images shared out, sums all-reduced
 
 Measured: CIFAR-10 fragment (../shared/assets), 4,660 train vs 846 test images: FID 38.24. Features equal
 pytorch-fid's bit for bit on the same weights (bench/bench_fid.py); 10.6 images/s on a 2-core CPU,
@@ -22,6 +22,7 @@ import argparse, os, zipfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -29,8 +30,8 @@ from scipy import linalg
 from tqdm import tqdm
 
 import common
-from common import (CHECKPOINTS, UserError, atomic_write, fetch_checkpoint, load_state_dict, load_strict,
-                    pick_device)
+from common import CHECKPOINTS, UserError, atomic_write, fetch_checkpoint, load_state_dict, load_strict
+from models import distributed                      # torchrun: each process takes a share of the images
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")  # pytorch-fid
 
@@ -88,8 +89,7 @@ class InceptionC(nn.Module):
     """Mixed_6b/c/d/e at 17x17: 7x7 convolutions factorised into 1x7 and 7x1, 4 x 192 = 768 channels."""
     def __init__(self, cin, c7):
         super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 192, 1)
-        self.branch7x7_1 = BasicConv2d(cin, c7, 1)
+        self.branch1x1, self.branch7x7_1 = BasicConv2d(cin, 192, 1), BasicConv2d(cin, c7, 1)
         self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
         self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
         self.branch7x7dbl_1 = BasicConv2d(cin, c7, 1)
@@ -127,8 +127,7 @@ class InceptionE(nn.Module):
     def __init__(self, cin, max_pool):
         super().__init__()
         self.max_pool = max_pool
-        self.branch1x1 = BasicConv2d(cin, 320, 1)
-        self.branch3x3_1 = BasicConv2d(cin, 384, 1)
+        self.branch1x1, self.branch3x3_1 = BasicConv2d(cin, 320, 1), BasicConv2d(cin, 384, 1)
         self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
         self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
         self.branch3x3dbl_1 = BasicConv2d(cin, 448, 1)
@@ -155,22 +154,14 @@ class InceptionV3(nn.Module):
     (4) there is no auxiliary classifier and no transform_input (input is only scaled to [-1, 1])."""
     def __init__(self, with_fc=True):
         super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, c7=128)
-        self.Mixed_6c = InceptionC(768, c7=160)
-        self.Mixed_6d = InceptionC(768, c7=160)
-        self.Mixed_6e = InceptionC(768, c7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, max_pool=False)
-        self.Mixed_7c = InceptionE(2048, max_pool=True)
+        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = BasicConv2d(3, 32, 3, stride=2), BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3, self.Conv2d_3b_1x1 = BasicConv2d(32, 64, 3, padding=1), BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3, self.Mixed_5b = BasicConv2d(80, 192, 3), InceptionA(192, pool_features=32)
+        self.Mixed_5c, self.Mixed_5d = InceptionA(256, pool_features=64), InceptionA(288, pool_features=64)
+        self.Mixed_6a, self.Mixed_6b = InceptionB(288), InceptionC(768, c7=128)
+        self.Mixed_6c, self.Mixed_6d = InceptionC(768, c7=160), InceptionC(768, c7=160)
+        self.Mixed_6e, self.Mixed_7a = InceptionC(768, c7=192), InceptionD(768)
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, max_pool=False), InceptionE(2048, max_pool=True)
         # FID patch (1): the TF graph's softmax has 1008 outputs (ImageNet's 1000 classes and unused ones)
         self.fc = nn.Linear(2048, 1008) if with_fc else None
 
@@ -270,6 +261,11 @@ def statistics(images, model, batch_size=50, device="cpu", progress=True):
             s2 += f.T @ f
     finally:
         torch.backends.cudnn.allow_tf32 = tf32          # the caller's setting, as it was
+    if dist.is_available() and dist.is_initialized():  # torchrun: each rank's share; all ranks' float64 sums
+        sums = torch.from_numpy(np.concatenate([[n], s1, s2.ravel()])).to(device)
+        dist.all_reduce(sums)
+        sums = sums.cpu().numpy()
+        n, s1, s2, logits = int(sums[0]), sums[1:2049], sums[2049:].reshape(2048, 2048), []   # IS: 1 process
     mu = s1 / n
     sigma = (s2 - n * np.outer(mu, mu)) / (n - 1)        # unbiased: np.cov(feats, rowvar=False)
     return mu, sigma, (inception_score(torch.cat(logits)) if logits and n >= 10 else None)
@@ -378,20 +374,24 @@ def main():
         raise UserError("--save-stats needs a file name ending in .npz, and --batch-size a positive number")
     inputs = [read_input(path) for path in args.paths]  # all input errors before the long part
     if len({len(x[0]) if isinstance(x, tuple) else 2048 for x in inputs}) > 1:
-        raise UserError("the two inputs have features of different dimensions; "
-                        "FID compares 2048-d pool features")
-    device = pick_device(args.device)
+        raise UserError("the two inputs have features of different dimensions; FID compares 2048-d ones")
+    rank, world, device = distributed(args.device)
     if not all(isinstance(x, tuple) for x in inputs):
         model = load_inception(args.inception)
     stats = []
     for path, x in zip(args.paths, inputs):
-        mu, sigma, isc = (*x, None) if isinstance(x, tuple) else statistics(x, model, args.batch_size, device)
+        if isinstance(x, tuple):
+            mu, sigma, isc = *x, None
+        else:                                            # torchrun: each process takes every world-th image
+            mu, sigma, isc = statistics(x[rank::world], model, args.batch_size, device, progress=rank == 0)
         stats.append((mu, sigma))
         if isc:
             print(f"IS {path}: {isc[0]:.4f} ± {isc[1]:.4f}")
-    if len(stats) == 2:
+    if world > 1:
+        dist.destroy_process_group()
+    if len(stats) == 2 and rank == 0:
         print("FID:", frechet_distance(*stats[0], *stats[1]))
-    if args.save_stats:                                 # pytorch-fid's takes PATH 2 as output; ours names it
+    if args.save_stats and rank == 0:                   # pytorch-fid's takes PATH 2 as output; ours names it
         with atomic_write(args.save_stats) as f:          # OUT.npz.tmp, renamed once complete
             np.savez_compressed(f, mu=stats[0][0], sigma=stats[0][1])
 

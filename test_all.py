@@ -841,6 +841,21 @@ def test_fid_cli_save_stats_equal_pytorch_fid(tmp_path):
     assert np.abs(stats["sigma"] - np.cov(feats, rowvar=False)).max() <= 1e-4 * np.abs(feats).max() ** 2
 
 
+
+@pytest.mark.skipif(not HAVE_WEIGHTS, reason=NO_WEIGHTS)
+def test_fid_statistics_under_torchrun_equal_one_process(tmp_path):
+    np.savez(tmp_path / "a.npz", arr_0=reference()["images32"][:10])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = ["eval_fid.py", str(tmp_path / "a.npz"), "--save-stats"]
+    one, two = (subprocess.run([*launch, *args, str(tmp_path / out)], cwd=HERE, env=env, capture_output=True,
+                               text=True, timeout=300)
+                for launch, out in (([sys.executable], "one.npz"), (torchrun, "two.npz")))
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-400:], two.stderr[-400:])
+    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")   # 5 images per process, sums reduced
+    assert np.abs(a["mu"] - b["mu"]).max() <= 1e-10 and np.abs(a["sigma"] - b["sigma"]).max() <= 1e-10
+
+
 # -----------------------------------------------------------------------------
 # 4. DilateQuant (dilatequant.py)
 
