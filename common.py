@@ -293,7 +293,7 @@ def save_safetensors(tensors, path, metadata=None):
     header, blobs, offset = {}, [], 0
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
-        blobs.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        blobs.append(t.reshape(-1).view(torch.uint8).numpy())      # a view: written from the tensor itself
         header[name] = {"dtype": inv[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + len(blobs[-1])]}
         offset += len(blobs[-1])
@@ -301,7 +301,9 @@ def save_safetensors(tensors, path, metadata=None):
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)
     with atomic_write(path) as f:
-        f.write(len(h).to_bytes(8, "little") + h + b"".join(blobs))
+        f.write(len(h).to_bytes(8, "little") + h)
+        for blob in blobs:                                          # no copy of the whole file in memory
+            f.write(blob)
 
 
 def load_state_dict(path, metadata=False):
@@ -324,8 +326,7 @@ def load_state_dict(path, metadata=False):
 
 
 def load_saved(path, tool):
-    """(state dict, config) of a quantized model that `tool`.py saved: safetensors with its config JSON
-    in metadata[tool]."""
+    """(state dict, config) of a model `tool`.py saved: safetensors, its config JSON in metadata[tool]."""
     sd, meta = load_state_dict(path, metadata=True)
     if tool not in meta:
         raise UserError(f"{path}: not a model saved by {tool}.py (no '{tool}' metadata); "
@@ -411,8 +412,7 @@ def held_out(eps_fn, noise, seq, alphas_cumprod, generator, *, n=512, labels=Non
     return {k: v[pick].to(noise.device) for k, v in data.items()}
 
 
-def net_args(d, b=slice(None)):
-    """The network's inputs for chunk b of a data dict: x, t and, for a class-conditional model, y."""
+def net_args(d, b=slice(None)):  # the network's inputs for chunk b of a data dict: x, t (and y, conditional)
     return [d["x"][b], d["t"][b]] + ([d["y"][b]] if "y" in d else [])
 
 

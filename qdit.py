@@ -291,8 +291,10 @@ def gptq_model(q, calib, bits, sym, *, blocksize, damp, batch):
     """GPTQ over the model in the GPTQ repository's driver shape (opt_sequential): catch block 0's inputs,
     then block by block: hooks gather H = 2/n Σ x xᵀ of every wrapped Linear's input as the quantized model
     sees it (activation quantizers on, earlier blocks quantized), GPTQ each with its own g, and the block's
-    quantized outputs are the next block's inputs. Conditional forwards (calibration has no null class)."""
-    xs = []
+    quantized outputs are the next block's inputs. Conditional forwards (calibration has no null class).
+    TF32 is off meanwhile (GPTQ's maths in fp32) and back as it was after."""
+    xs, tf32 = [], (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
     def catch(module, args):
         xs.append(args)                                             # (x [B, T, D], c [B, D])
@@ -321,6 +323,7 @@ def gptq_model(q, calib, bits, sym, *, blocksize, damp, batch):
             Q = gptq(m.weight, 2 * H[m] / n[m], bits, m.g, sym, blocksize=blocksize, damp=damp)
             m.weight.data = Q.to(m.weight.dtype)
         xs = [(block(x, c), c) for x, c in xs]
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 # -----------------------------------------------------------------------------
@@ -647,7 +650,6 @@ def measure(q, rung, cfg, bench, t0):
 def main():
     cfg, searched, loaded, st = read_load(parse_config(Config, PRESETS))
     space = check_config(cfg)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # GPTQ's maths in fp32
     seed_everything(cfg.seed)
     device, t_start = pick_device(cfg.device), time.time()
     fp, vae, names, kind = load_models(cfg, device, space, searched)

@@ -1386,7 +1386,7 @@ def test_qdit_static_calibration_hooks_keep_a_running_min_max():
                                          0, 255).reshape(x.shape))
 
 
-def test_qdit_gptq_lowers_the_layer_output_error_versus_rtn():
+def test_qdit_gptq_lowers_the_layer_output_error_versus_rtn(monkeypatch):
     g = torch.Generator().manual_seed(0)
     W = torch.randn(32, 128, generator=g)
     X = torch.randn(4096, 128, generator=g) @ torch.randn(128, 128, generator=g)         # correlated inputs
@@ -1401,6 +1401,21 @@ def test_qdit_gptq_lowers_the_layer_output_error_versus_rtn():
     assert torch.equal(qdit.gptq(W, torch.eye(128), 4, 32, False), rtn)
     Q = qdit.gptq(W, H, 3, 32, False, blocksize=48)    # groups across block edges; still 3-bit grids
     assert all(len(torch.unique(r)) <= 8 for r in Q.reshape(32, 4, 32).transpose(0, 1).reshape(-1, 32))
+    # the model-wide pass turns TF32 off for its own maths only
+    q = qdit.quantize(dit.DiT(**QDIT_TINY).eval(), [16] * 8, 4, False, "dynamic", adaln_g=None)
+    calib = dict(x=torch.randn(4, 3, 8, 8, generator=g), t=torch.tensor([5.0, 900, 300, 50]),
+                 y=torch.randint(10, (4,), generator=g))
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        during, gptq = [], qdit.gptq
+        monkeypatch.setattr(qdit, "gptq", lambda *a, **k: during.append(torch.backends.cuda.matmul.allow_tf32)
+                            or gptq(*a, **k))
+        qdit.gptq_model(q, calib, 4, False, blocksize=16, damp=0.01, batch=4)
+        assert during and not any(during)                                  # off while GPTQ runs
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32   # back after
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def test_qdit_search_respects_its_budget_and_is_reproducible():
