@@ -400,9 +400,8 @@ def ddim_sample(eps_fn, x, seq, alphas_cumprod, *, eta=0.0, generator=None, befo
 
 @torch.no_grad()
 def held_out(eps_fn, noise, seq, alphas_cumprod, generator, *, n=512, labels=None, **sampler):
-    """n inputs (x, t, idx[, y]) at random from the DDIM trajectories of eps_fn from `noise` (labels [B]:
-    each keeps its trajectory's y; sampler: more ddim_sample arguments; n = None: all, in order): the ε-MSE
-    points from the sampling noise, or calibration points from other noise."""
+    """n inputs (x, t, idx[, y]) at random (n = None: all, in order) from the DDIM trajectories of eps_fn from
+    `noise` (labels [B]: each keeps its y; sampler: ddim_sample's arguments): ε-MSE or calibration points."""
     _, traj = ddim_sample(eps_fn, noise, seq, alphas_cumprod, trajectory=True, **sampler)
     data = dict(x=torch.cat([x for x, _, _ in traj]),
                 t=torch.cat([torch.full((len(x),), float(t)) for x, t, _ in traj]),
@@ -519,13 +518,14 @@ def pick_device(name="auto"):
 def atomic_write(path, mode="wb"):
     """open(path + '.tmp'), renamed onto path only when the block succeeds: no half-written outputs."""
     os.makedirs(os.path.dirname(os.path.abspath(path := os.fspath(path))), exist_ok=True)
+    tmp = f"{path}.tmp{os.environ.get('RANK', '')}"        # torchrun: one per rank (all write the same bytes)
     try:
-        with open(path + ".tmp", mode) as f:
+        with open(tmp, mode) as f:
             yield f
     except BaseException:
-        os.remove(path + ".tmp")
+        os.remove(tmp)
         raise
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 def write_record(path, cfg, metrics, seconds, device):

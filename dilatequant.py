@@ -65,10 +65,10 @@ from tqdm import tqdm
 
 from common import (QuantConv2d, QuantLinear, Quantizer, UserError, check_bits, fake_quant, fid_or_none,
                     load_saved, load_strict, lp_search_range, minmax_range,
-                    net_args, parse_config, parse_list, peak_mb, pick_device, predict, print_table, psnr,
+                    net_args, parse_config, parse_list, peak_mb, predict, print_table, psnr,
                     replace_modules, resolve_bits, round_ste, run_main, save_grid, save_panels,
                     save_safetensors, seed_everything, set_quant, write_record)
-from models import first_last_layers, in_order, ldm, load_model
+from models import distributed, first_last_layers, in_order, ldm, load_model
 from models.ddpm import AttnBlock, Downsample, ResnetBlock, Upsample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -625,7 +625,7 @@ def main():
     w_bits, a_bits, names = check_config(cfg)
     names = ["loaded"] if saved else names
     seed_everything(cfg.seed)
-    device, t_start = pick_device(cfg.device), time.time()
+    device, t_start = distributed(cfg.device)[2], time.time()      # torchrun: sampling shared out
     os.makedirs(cfg.out, exist_ok=True)
     d = load_model(cfg.model, cfg.ckpt or None, cfg_scale=cfg.cfg_scale)
     fp = d.net.to(device).requires_grad_(False)

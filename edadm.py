@@ -59,10 +59,10 @@ from tqdm import tqdm
 
 from common import (QuantConv2d, QuantLinear, UserError, check_bits, eps_mse, fake_quant, fid_or_none,
                     load_saved, load_strict, lp_search_range, minmax_range,
-                    net_args, parse_config, parse_list, peak_mb, pick_device, predict, print_table, psnr,
+                    net_args, parse_config, parse_list, peak_mb, predict, print_table, psnr,
                     quant_params, replace_modules, resolve_bits, run_main, save_grid, save_panels,
                     save_safetensors, seed_everything, set_quant, write_record)
-from models import first_last_layers, in_order, ldm, load_model
+from models import distributed, first_last_layers, in_order, ldm, load_model
 from models.ddpm import AttnBlock, ResnetBlock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -640,7 +640,7 @@ def main():
             raise UserError(f"--{k.replace('_', '-')} {getattr(cfg, k)}: {cfg.load} was quantized with "
                             f"{saved[k]}; drop the flag")
     seed_everything(cfg.seed)
-    device, t_start = pick_device(cfg.device), time.time()
+    device, t_start = distributed(cfg.device)[2], time.time()      # torchrun: sampling shared out
     d = load_model(cfg.model, cfg.ckpt or None, cfg_scale=cfg.cfg_scale)
     fp = d.net.to(device).requires_grad_(False)
     d.decode.to(device)

@@ -238,16 +238,18 @@ def statistics(images, model, batch_size=50, device="cpu", progress=True):
     """mu [2048] and sigma [2048, 2048] (float64) of the pool features of `images`, and the Inception
     Score (mean, std) when the model has fc and N >= 10 (else None). images: uint8 [N, H, W, 3] (ADM's arr_0
     convention), a list of image files, or float [N, 3, H, W] in [-1, 1] as the samplers return them,
-    rounded to uint8 as saving them to PNG would, so that FID in memory equals FID of the saved files."""
-    n = len(images)
+    rounded to uint8 as saving them to PNG would, so that FID in memory equals FID of the saved files.
+    Under torchrun each process takes every world-th image, and the float64 sums are all-reduced (no IS)."""
+    n, world = len(images), dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if n < 2:
         raise UserError(f"FID needs at least 2 images, got {n}: the covariance of one image is undefined")
+    mine = images[dist.get_rank()::world] if world > 1 else images
     model = model.to(device, memory_format=torch.channels_last)     # NHWC convs: ~1.5x faster on CPU
     s1, s2, logits = np.zeros(2048), np.zeros((2048, 2048)), []     # sum f, sum f f^T in float64 (as EDM)
     tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False  # TF32: features ±1e-3
     try:
-        for i in tqdm(range(0, n, batch_size), desc="inception", unit="batch", disable=not progress):
-            batch = images[i:i + batch_size]             # b x H x W x 3 uint8, b files, or b float samples
+        for i in tqdm(range(0, len(mine), batch_size), desc="inception", unit="batch", disable=not progress):
+            batch = mine[i:i + batch_size]               # b x H x W x 3 uint8, b files, or b float samples
             if isinstance(images, list):
                 batch = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in batch])
             x = torch.as_tensor(batch)
@@ -261,11 +263,10 @@ def statistics(images, model, batch_size=50, device="cpu", progress=True):
             s2 += f.T @ f
     finally:
         torch.backends.cudnn.allow_tf32 = tf32          # the caller's setting, as it was
-    if dist.is_available() and dist.is_initialized():  # torchrun: each rank's share; all ranks' float64 sums
-        sums = torch.from_numpy(np.concatenate([[n], s1, s2.ravel()])).to(device)
+    if world > 1:                                        # all ranks' float64 sums; IS needs one process
+        sums = torch.from_numpy(np.concatenate([s1, s2.ravel()])).to(device)
         dist.all_reduce(sums)
-        sums = sums.cpu().numpy()
-        n, s1, s2, logits = int(sums[0]), sums[1:2049], sums[2049:].reshape(2048, 2048), []   # IS: 1 process
+        s1, s2, logits = sums[:2048].cpu().numpy(), sums[2048:].cpu().numpy().reshape(2048, 2048), []
     mu = s1 / n
     sigma = (s2 - n * np.outer(mu, mu)) / (n - 1)        # unbiased: np.cov(feats, rowvar=False)
     return mu, sigma, (inception_score(torch.cat(logits)) if logits and n >= 10 else None)
@@ -380,10 +381,8 @@ def main():
         model = load_inception(args.inception)
     stats = []
     for path, x in zip(args.paths, inputs):
-        if isinstance(x, tuple):
-            mu, sigma, isc = *x, None
-        else:                                            # torchrun: each process takes every world-th image
-            mu, sigma, isc = statistics(x[rank::world], model, args.batch_size, device, progress=rank == 0)
+        mu, sigma, isc = (*x, None) if isinstance(x, tuple) else statistics(x, model, args.batch_size, device,
+                                                                            progress=rank == 0)
         stats.append((mu, sigma))
         if isc:
             print(f"IS {path}: {isc[0]:.4f} ± {isc[1]:.4f}")

@@ -407,6 +407,25 @@ def test_samplers_under_torchrun_write_the_same_images(tmp_path):
     assert eval_fid.read_input(str(tmp_path / "a.npz")).shape == (10, 32, 32, 3)   # eval_fid reads it
 
 
+def test_method_evaluation_under_torchrun_gives_the_same_metrics(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    flags = ["--iters", "1", "--n", "8", "--calib", "8", "--calib-traj", "4", "--eval-batch", "4",
+             "--batch", "4", "--steps", "2", "--ablate=", "--ref="]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    one_cmd = [sys.executable, "dilatequant.py"]
+    two_cmd = [*torchrun, "dilatequant.py", "--"]                  # training replicated, sampling shared out
+    for cmd, out in ((one_cmd, "one"), (two_cmd, "two")):
+        r = subprocess.run([*cmd, *flags, "--out", str(tmp_path / out)], cwd=HERE, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-500:]
+    one, two = (json.load(open(tmp_path / d / "results.json"))["metrics"] for d in ("one", "two"))
+    assert set(one) == set(two) == {"fp", "ptq", "dilatequant"}
+    for v in one:
+        assert (one[v]["eps_mse"], one[v]["psnr"]) == (two[v]["eps_mse"], two[v]["psnr"]), v
+    grids = [np.asarray(Image.open(tmp_path / d / "grid_dilatequant.png")) for d in ("one", "two")]
+    assert np.array_equal(*grids) and not list(tmp_path.glob("*/*.tmp*"))    # same samples, no stray files
+
+
 # ---- DiT and VAE
 # models/dit.py and models/vae.py against the official DiT models.py (@ed81ce2, with timm) and diffusers'
 # AutoencoderKL on tiny random weights, their full-size key lists, and strict loading (fixtures/README.md)

@@ -50,14 +50,24 @@ class Diffusion(NamedTuple):
 
     @torch.no_grad()
     def images(self, net, noise, seq, *, labels=None, eta=0.0, cfg_scale=1.0, batch=64, before_step=None):
-        """Decoded DDIM samples of `net` from `noise` (labels: their classes or None), `batch` at a time."""
-        out = []
-        for i in tqdm(range(0, len(noise), batch), desc="sampling", leave=False):
-            y = None if labels is None else labels[i:i + batch]
-            eps = self.eps(net, y, cfg_scale)
-            z = self.sample(eps, noise[i:i + batch], seq, eta=eta, before_step=before_step)
-            out.append(self.decode(z).cpu())
-        return torch.cat(out)
+        """Decoded DDIM samples of `net` from `noise` (labels: their classes or None), `batch` at a time.
+        Under torchrun process r samples rows r, r + W, ... (forwards padded to `batch`) and every process
+        gets all of them: the same images for any process count at η = 0 (η noise: the global RNG)."""
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rows, out = torch.arange(dist.get_rank() if world > 1 else 0, len(noise), world), []
+        for i in tqdm(range(0, len(rows), batch), desc="sampling", leave=False):
+            r = rows[i:i + batch]
+            x, y, pad = noise[r], None if labels is None else labels[r], batch - len(r) if world > 1 else 0
+            x = torch.cat([x, x[:1].expand(pad, *x.shape[1:])])
+            y = y if y is None else torch.cat([y, y[:1].expand(pad)])
+            z = self.sample(self.eps(net, y, cfg_scale), x, seq, eta=eta, before_step=before_step)
+            out.append(self.decode(z[:len(r)]).cpu())
+        images = torch.cat(out)
+        if world > 1:                                                # rows r, r + W, ... back in order
+            parts = [None] * world
+            dist.all_gather_object(parts, images)
+            images = torch.stack([parts[i % world][i // world] for i in range(len(noise))])
+        return images
 
     def points(self, net, noise, seq, generator, *, labels=None, eta=0.0, cfg_scale=1.0, n=512):
         """common.held_out on this model's sampler: n random inputs (x, t, idx[, y]) of net's trajectories."""
