@@ -188,12 +188,19 @@ def sample_sharded(sample_fn, n, shape, *, seed, batch, rank=0, world=1):
 
 
 def save_images(images, path):
-    """uint8 [N, H, W, 3] as a PNG grid, or as .npz under arr_0 (ADM's convention; eval_fid.py reads it)."""
+    """The end of a sharded run: the process group (if any) closes, and rank 0 (the one with images, uint8
+    [N, H, W, 3]) writes them as a PNG grid, or as .npz under arr_0 (ADM's convention; eval_fid.py reads
+    it). Returns whether this process wrote."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    if images is None:
+        return False
     if path.endswith(".npz"):
         with atomic_write(path) as f:
             np.savez(f, arr_0=images.numpy())
     else:
         save_grid(images.permute(0, 3, 1, 2).float() / 127.5 - 1, path, nrow=min(len(images), 8))
+    return True
 
 
 def load_model(name, ckpt=None, *, cfg_scale=1.0):

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -285,10 +284,7 @@ def main():
                                                              generator=gens),
                             cfg.n, (net.conv_in.in_channels, net.resolution, net.resolution), seed=cfg.seed,
                             batch=cfg.batch, rank=rank, world=world)
-    if world > 1:
-        dist.destroy_process_group()
-    if rank == 0:
-        save_images(images, cfg.out)
+    if save_images(images, cfg.out):
         print(f"{cfg.n} samples, {cfg.steps} {cfg.skip} DDIM steps, {world} process(es), "
               f"{time.time() - t0:.1f} s -> {cfg.out}")
 

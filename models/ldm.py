@@ -632,10 +632,7 @@ def main():
         z = d.sample(d.eps(net, y, cfg.cfg_scale), x.to(device), seq, eta=cfg.eta, generator=gens)
         return decode(z)
     images = sample_sharded(sample, cfg.n, d.shape, seed=cfg.seed, batch=cfg.batch, rank=rank, world=world)
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    if rank == 0:
-        save_images(images, cfg.out)
+    if save_images(images, cfg.out):
         print(f"{cfg.n} samples of {cfg.model}, DDIM-{cfg.steps} η {cfg.eta}, CFG {cfg.cfg_scale}, {world} "
               f"process(es) -> {cfg.out}")
 
