@@ -536,7 +536,8 @@ def sample(d, net, noise, seq, *, labels, quantized, cfg):
     def step(k):
         set_step(net, torch.full((1,), k, device=noise.device))
     return d.images(denoiser(net) if quantized else net, noise, seq, labels=labels, eta=cfg.eta,
-                    cfg_scale=cfg.cfg_scale, batch=cfg.eval_batch, before_step=step if quantized else None)
+                    cfg_scale=cfg.cfg_scale, batch=cfg.eval_batch, before_step=step if quantized else None,
+                    seed=cfg.seed + 1)
 
 
 def scores(q, x, *, fp_x, held, eps_ref, cfg):

@@ -620,7 +620,7 @@ def evaluate(q, ev, cfg, t0):
     """Samples of q from the sampling noise, and its ε-MSE against FP on the held-out points, PSNR against
     the FP samples, FID when possible. ev: d, noise, labels, seq, held, eps_ref, fp_x, device."""
     x = ev["d"].images(q, ev["noise"], ev["seq"], labels=ev["labels"], eta=cfg.eta, cfg_scale=cfg.cfg_scale,
-                       batch=cfg.eval_batch)
+                       batch=cfg.eval_batch, seed=cfg.seed + 1)
     return x, dict(eps_mse=eps_mse(lambda d: q(*net_args(d)), ev["held"], ev["eps_ref"], cfg.eval_batch),
                    psnr=psnr(x, ev["fp_x"]), fid=fid_or_none(x, cfg.ref, ev["device"]),
                    seconds=time.time() - t0, peak_mb=peak_mb(ev["device"]))
@@ -656,7 +656,8 @@ def main():
 
     # FP: reference samples, and held-out ε-MSE points from its trajectories of the first 64 sampling noises
     t0 = time.time()
-    fp_x = d.images(fp, noise, seq, labels=labels, eta=cfg.eta, cfg_scale=cfg.cfg_scale, batch=cfg.eval_batch)
+    fp_x = d.images(fp, noise, seq, labels=labels, eta=cfg.eta, cfg_scale=cfg.cfg_scale, batch=cfg.eval_batch,
+                    seed=cfg.seed + 1)
     held = d.points(fp, noise[:64], seq, g, labels=None if labels is None else labels[:64], eta=cfg.eta,
                     cfg_scale=cfg.cfg_scale)
     ev = dict(d=d, noise=noise, labels=labels, seq=seq, held=held, fp_x=fp_x, device=device,

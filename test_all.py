@@ -410,7 +410,7 @@ def test_samplers_under_torchrun_write_the_same_images(tmp_path):
 def test_method_evaluation_under_torchrun_gives_the_same_metrics(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     flags = ["--iters", "1", "--n", "8", "--calib", "8", "--calib-traj", "4", "--eval-batch", "4",
-             "--batch", "4", "--steps", "2", "--ablate=", "--ref="]
+             "--batch", "4", "--steps", "2", "--eta", "1", "--ablate=", "--ref="]  # η noise: per image
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     one_cmd = [sys.executable, "dilatequant.py"]
     two_cmd = [*torchrun, "dilatequant.py", "--"]                  # training replicated, sampling shared out

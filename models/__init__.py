@@ -49,10 +49,12 @@ class Diffusion(NamedTuple):
         return ddim_sample(eps_fn, x, seq, self.alphas_cumprod, final_abar=self.final_abar, **kw)
 
     @torch.no_grad()
-    def images(self, net, noise, seq, *, labels=None, eta=0.0, cfg_scale=1.0, batch=64, before_step=None):
-        """Decoded DDIM samples of `net` from `noise` (labels: their classes or None), `batch` at a time.
-        Under torchrun process r samples rows r, r + W, ... (forwards padded to `batch`) and every process
-        gets all of them: the same images for any process count at η = 0 (η noise: the global RNG)."""
+    def images(self, net, noise, seq, *, labels=None, eta=0.0, cfg_scale=1.0, batch=64, before_step=None,
+               seed=None):
+        """Decoded DDIM samples of `net` from `noise` (labels: their classes or None), `batch` at a time; the
+        η > 0 noise of row i from image_generators(seed, [i]) (seed None: the global RNG). Under torchrun
+        process r samples rows r, r + W, ... (forwards padded to `batch`) and every process gets all of them:
+        the same images for any process count."""
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         rows, out = torch.arange(dist.get_rank() if world > 1 else 0, len(noise), world), []
         for i in tqdm(range(0, len(rows), batch), desc="sampling", leave=False):
@@ -60,7 +62,9 @@ class Diffusion(NamedTuple):
             x, y, pad = noise[r], None if labels is None else labels[r], batch - len(r) if world > 1 else 0
             x = torch.cat([x, x[:1].expand(pad, *x.shape[1:])])
             y = y if y is None else torch.cat([y, y[:1].expand(pad)])
-            z = self.sample(self.eps(net, y, cfg_scale), x, seq, eta=eta, before_step=before_step)
+            g = None if eta == 0 or seed is None else image_generators(seed, r.tolist() + [len(noise)] * pad)
+            z = self.sample(self.eps(net, y, cfg_scale), x, seq, eta=eta, before_step=before_step,
+                            generator=g)
             out.append(self.decode(z[:len(r)]).cpu())
         images = torch.cat(out)
         if world > 1:                                                # rows r, r + W, ... back in order
