@@ -67,11 +67,7 @@ class Diffusion(NamedTuple):
                             generator=g)
             out.append(self.decode(z[:len(r)]).cpu())
         images = torch.cat(out)
-        if world > 1:                                                # rows r, r + W, ... back in order
-            parts = [None] * world
-            dist.all_gather_object(parts, images)
-            images = torch.stack([parts[i % world][i // world] for i in range(len(noise))])
-        return images
+        return gather_rows(images, len(noise), world) if world > 1 else images
 
     def points(self, net, noise, seq, generator, *, labels=None, eta=0.0, cfg_scale=1.0, n=512):
         """common.held_out on this model's sampler: n random inputs (x, t, idx[, y]) of net's trajectories."""
@@ -184,11 +180,15 @@ def sample_sharded(sample_fn, n, shape, *, seed, batch, rank=0, world=1):
         x = sample_fn(x, gens, idx + [0] * (batch - len(idx)))[:len(idx)]
         out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
     images = torch.cat(out) if out else torch.zeros(0, *shape[1:], 3, dtype=torch.uint8)
-    if world > 1:                                                    # ranks hold r, r + W, ...: interleave
-        parts = [None] * world
-        dist.all_gather_object(parts, images)
-        images = torch.stack([parts[i % world][i // world] for i in range(n)])
+    images = gather_rows(images, n, world) if world > 1 else images
     return images if rank == 0 else None
+
+
+def gather_rows(part, n, world):
+    """Every process's rows r, r + W, r + 2W, ... (this one's: `part`) back in order 0..n−1, for all."""
+    parts = [None] * world
+    dist.all_gather_object(parts, part)
+    return torch.stack([parts[i % world][i // world] for i in range(n)])
 
 
 def save_images(images, path):
