@@ -7,8 +7,8 @@ Shared pieces of the three method files (dilatequant.py, edadm.py, qdit.py).
 - Checkpoints: official files, cached download, hash check, safetensors by hand, strict loading.
 - Diffusion: DDPM's linear β schedule, DDIM (Song et al. 2021, arXiv 2010.02502) over the DDIM code's
   "uniform"/"quad", DiT's "even" and LDM's step sequences, with the (x_t, t, step) trajectory.
-- Evaluation and run plumbing: points from FP trajectories, ε-MSE, PSNR, FID when possible, peak memory;
-  dataclass -> CLI, checks, seeding, JSON record, PNG grids, the results table, one-line errors (exit 2).
+- Evaluation and run plumbing: FP-trajectory points, ε-MSE, PSNR, FID, peak memory; dataclass -> CLI,
+  checks, seeding, torchrun's world, JSON record, PNG grids, the results table, one-line errors (exit 2).
 """
 import argparse, contextlib, dataclasses, hashlib, inspect, itertools, json, math, os, platform, random, re
 import resource, shutil, subprocess, sys, time, urllib.request, zipfile
@@ -73,23 +73,24 @@ def minmax_range(rows):
 
 def lp_search_range(rows, bits, grid, p=2.4, skew=0.0):
     """Per row, the clipped range with the least mean |x̂ − x|^p (p = 2.4: LAPQ, Nahshan et al. 2021), as
-    EDA-DM's official search: τ = α·max(|min|, max) for α in `grid` (official: i/100, i = 1..100), the
-    range [−τ, τ], or [0, τ] / [−τ, 0] for one-signed rows, quantized with 0 in the range. skew > 0: a
-    mixed-sign row whose smaller side is below skew × its larger side (post-SiLU inputs: min −0.28,
-    max ~5) is searched as α·[min, max] instead, so that half its grid is not left unused."""
+    EDA-DM's official search: τ = α·max(|min|, max) for α in `grid` (official: i/100, i = 1..100), the range
+    [−τ, τ], or [0, τ] / [−τ, 0] for one-signed rows, 0 in range. skew > 0: a mixed-sign row whose smaller
+    side is below skew × its larger (post-SiLU: min −0.28, max ~5) is searched as α·[min, max] instead."""
     lo0, hi0 = minmax_range(rows)                                   # [R, 1]
     A = torch.maximum(-lo0, hi0)
     skewed = (lo0 < 0) & (hi0 > 0) & (torch.minimum(-lo0, hi0) < skew * A)   # mixed-sign and skewed
     lo0 = torch.where(skewed, lo0, torch.where(lo0 < 0, -A, 0.0))
     hi0 = torch.where(skewed, hi0, torch.where(hi0 > 0, A, 0.0))
     best, best_lo, best_hi = torch.full_like(lo0, float("inf")), lo0.clone(), hi0.clone()
-    for a in grid:                                                  # a loop over candidates, not rows
-        lo, hi = a * lo0, a * hi0
+    alphas = torch.as_tensor(grid, dtype=rows.dtype, device=rows.device).view(-1, 1, 1)
+    for a in alphas.split(max(1, 2 ** (24 if rows.is_cuda else 16) // rows.numel())):   # cache / launches
+        lo, hi = a * lo0, a * hi0                                   # [A, R, 1]
         xq = fake_quant(rows, *quant_params(lo, hi, bits), *qrange(bits, False))
-        err = (xq - rows).abs().pow(p).mean(1, keepdim=True)      # [R, 1]
+        err, i = (xq - rows).abs().pow(p).mean(2, keepdim=True).min(0)   # [R, 1]: the first best of these
         better = err < best
         best = torch.where(better, err, best)
-        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+        best_lo, best_hi = (torch.where(better, v.gather(0, i[None])[0], old) for v, old in
+                            ((lo, best_lo), (hi, best_hi)))
     return best_lo, best_hi
 
 
@@ -290,25 +291,22 @@ def read_safetensors(path, metadata=False):
 def save_safetensors(tensors, path, metadata=None):
     """Write {name: tensor} as safetensors (header padded with spaces to 8 bytes, as the library does)."""
     inv = {v: k for k, v in ST_DTYPES.items()}
-    header, blobs, offset = {}, [], 0
+    header, offset = {}, 0
     for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        blobs.append(t.reshape(-1).view(torch.uint8).numpy())      # a view: written from the tensor itself
-        header[name] = {"dtype": inv[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(blobs[-1])]}
-        offset += len(blobs[-1])
+        t = tensors[name]
+        header[name] = dict(dtype=inv[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + t.nbytes])
+        offset += t.nbytes
     header["__metadata__"] = {k: str(v) for k, v in (metadata or {}).items()}
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)
     with atomic_write(path) as f:
         f.write(len(h).to_bytes(8, "little") + h)
-        for blob in blobs:                                          # no copy of the whole file in memory
-            f.write(blob)
+        for name in sorted(tensors):                                # one tensor on the host at a time
+            f.write(tensors[name].detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
 
 
 def load_state_dict(path, metadata=False):
-    """{name: tensor} from .safetensors, or .pt/.pth/.ckpt/.bin loaded as weights only (metadata=True:
-    also the safetensors "__metadata__", {} for the others)."""
+    """{name: tensor} of .safetensors, or .pt/.pth/.ckpt/.bin as weights only (metadata: its __metadata__)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     if path.endswith(".safetensors"):
@@ -444,8 +442,7 @@ def fid_or_none(images, ref, device="cpu"):
         return None
 
 
-def peak_mb(device):
-    """Peak memory so far: CUDA allocations on a GPU, the process's peak RSS on the CPU (Linux: KiB)."""
+def peak_mb(device):  # peak memory so far: CUDA allocations on a GPU, the process's peak RSS on the CPU
     return (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
@@ -486,15 +483,13 @@ def check_bits(**bits):
 
 
 def resolve_bits(bits, w_bits, a_bits):
-    """(weight bits, activation bits): --w-bits / --a-bits where given (non-zero), else --bits; each
-    checked by check_bits under the name of the flag that set it."""
+    """(weight bits, activation bits): --w-bits / --a-bits where given (non-zero), else --bits, checked."""
     w_flag, a_flag = "w_bits" if w_bits else "bits", "a_bits" if a_bits else "bits"
     check_bits(**{w_flag: w_bits or bits, a_flag: a_bits or bits})
     return w_bits or bits, a_bits or bits
 
 
-def parse_list(text, choices, flag):
-    """A comma-separated flag value as a list, each item one of `choices`."""
+def parse_list(text, choices, flag):  # a comma-separated flag value as a list, each item one of `choices`
     items = [a for a in text.split(",") if a]
     if any(a not in choices for a in items):
         raise UserError(f"{flag} {text!r}: choose from {', '.join(choices)} (comma-separated)")
@@ -505,6 +500,11 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def world_rank():  # (processes, rank) of a running torch.distributed group (torchrun), else (1, 0)
+    d = torch.distributed
+    return (d.get_world_size(), d.get_rank()) if d.is_available() and d.is_initialized() else (1, 0)
 
 
 def pick_device(name="auto"):
@@ -592,7 +592,7 @@ def print_table(results, label="variant"):
 
 
 def run_main(main):
-    """Call main(); bad input (UserError) becomes one line on stderr and exit code 2."""
+    """Call main(); bad input (UserError) is one line on stderr and exit code 2."""
     try:
         main()
     except UserError as e:

@@ -68,7 +68,7 @@ from common import (QuantConv2d, QuantLinear, Quantizer, UserError, check_bits, 
                     net_args, parse_config, parse_list, peak_mb, predict, print_table, psnr,
                     replace_modules, resolve_bits, round_ste, run_main, save_grid, save_panels,
                     save_safetensors, seed_everything, set_quant, write_record)
-from models import distributed, first_last_layers, in_order, ldm, load_model
+from models import distributed, first_last_layers, in_order, ldm, load_model, sampling_mode
 from models.ddpm import AttnBlock, Downsample, ResnetBlock, Upsample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -106,7 +106,9 @@ class Config:
     eval_batch: int = 500          # images per forward without gradients (sampling, caching, scoring)
     ref: str = ""                  # FID reference statistics .npz (eval_fid.py --save-stats); empty: no FID
     seed: int = 0                  # seed of calibration, training and (seed + 1) sampling noise
-    device: str = "auto"           # auto, cpu or cuda
+    amp: str = "none"              # sampling under autocast: none (fp32) or bf16 (convolutions and matmuls)
+    compile: bool = False          # torch.compile the network for sampling
+    device: str = "auto"           # auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)
     out: str = "runs/dilatequant"  # results.json, grids, saved quantized models
     load: str = ""                 # a saved quantized model (.safetensors from --out): FP vs it, no training
 
@@ -535,9 +537,10 @@ def sample(d, net, noise, seq, *, labels, quantized, cfg):
     quantized model runs step i on TPQ row i (both halves of a guided batch), ε̂/k_i."""
     def step(k):
         set_step(net, torch.full((1,), k, device=noise.device))
-    return d.images(denoiser(net) if quantized else net, noise, seq, labels=labels, eta=cfg.eta,
-                    cfg_scale=cfg.cfg_scale, batch=cfg.eval_batch, before_step=step if quantized else None,
-                    seed=cfg.seed + 1)
+    with sampling_mode(net, amp=cfg.amp, compile=cfg.compile):      # weights quantized once
+        return d.images(denoiser(net) if quantized else net, noise, seq, labels=labels, eta=cfg.eta,
+                        cfg_scale=cfg.cfg_scale, batch=cfg.eval_batch, seed=cfg.seed + 1,
+                        before_step=step if quantized else None)
 
 
 def scores(q, x, *, fp_x, held, eps_ref, cfg):
@@ -570,8 +573,9 @@ def check_config(cfg):
     if cfg.first_last not in ("position", "official", "none") or cfg.act_range not in ("skewed", "symmetric"):
         raise UserError(f"--first-last {cfg.first_last!r} / --act-range {cfg.act_range!r}: choose position, "
                         "official or none / skewed or symmetric")
-    if not 2 <= cfg.steps <= 1000 or cfg.eta < 0:
-        raise UserError(f"--steps {cfg.steps} / --eta {cfg.eta}: DDIM needs 2..1000 steps and η >= 0")
+    if not 2 <= cfg.steps <= 1000 or cfg.eta < 0 or cfg.amp not in ("none", "bf16"):
+        raise UserError(f"--steps {cfg.steps} / --eta {cfg.eta} / --amp {cfg.amp}: DDIM needs 2..1000 steps "
+                        "and η >= 0; --amp is none or bf16")
     if not cfg.batch <= cfg.calib <= cfg.calib_traj * cfg.steps:
         raise UserError(f"--calib {cfg.calib} must lie in [--batch {cfg.batch}, --calib-traj x --steps = "
                         f"{cfg.calib_traj * cfg.steps}] (the FP trajectories hold that many points)")

@@ -62,7 +62,7 @@ from common import (QuantConv2d, QuantLinear, UserError, check_bits, eps_mse, fa
                     net_args, parse_config, parse_list, peak_mb, predict, print_table, psnr,
                     quant_params, replace_modules, resolve_bits, run_main, save_grid, save_panels,
                     save_safetensors, seed_everything, set_quant, write_record)
-from models import distributed, first_last_layers, in_order, ldm, load_model
+from models import distributed, first_last_layers, in_order, ldm, load_model, sampling_mode
 from models.ddpm import AttnBlock, ResnetBlock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -102,16 +102,17 @@ class Config:
     eval_batch: int = 500          # images per forward without gradients: sampling, caching (official: 500)
     ref: str = ""                  # FID reference statistics .npz (eval_fid.py --save-stats); empty: no FID
     seed: int = 1234               # seed of trajectories, selection, reconstruction; seed + 1: sampling noise
-    device: str = "auto"           # auto, cpu or cuda
+    amp: str = "none"              # sampling under autocast: none (fp32) or bf16 (convolutions and matmuls)
+    compile: bool = False          # torch.compile the network for sampling
+    device: str = "auto"           # auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)
     out: str = "runs/edadm"        # results.json, grids, saved quantized models
     load: str = ""                 # a saved quantized model (.safetensors from --out): FP vs it, no PTQ
 
 
 # Defaults follow the model: the official settings for the paper's checkpoint and the LDMs (scripts/for_*.sh:
-# sampler, N = 1024, r, λ, γ, iterations, lr_w / lr_a in LRS); for the bundled one a preset for a 2-core CPU
-# (<= 10 min for `--w-bits 4 --a-bits 8`). Its r = 0.2 gives D = 0 at both ends and a peak mid-trajectory,
-# the official figure's shape (assets/struction.png; r = 3.0: D = 8-9 everywhere), counts 0.4-1.6x the mean
-# (the figure: 3-18 around 10.24). γ stays 0.8: on it the layer terms raise ε-MSE at every γ tried (README).
+# sampler, N = 1024, r, λ, γ, iterations, lr_w / lr_a in LRS); for the bundled one a 2-core CPU preset (<= 10
+# min at W4A8): r = 0.2 gives D = 0 at both ends and a peak mid-trajectory, the official figure's shape
+# (assets/struction.png; r = 3: D = 8-9 everywhere). γ stays 0.8 (layer terms raise ε-MSE at every γ tried).
 LDM = dict(calib=1024, calib_traj=64, n=50000, eval_batch=50, ref="", cpu_cache=True)
 PRESETS = {
     "ddpm-cifar10-small": dict(steps=10, calib=96, calib_traj=48, iters=30, n=192, eval_batch=64, radius=0.2,
@@ -532,15 +533,15 @@ PANELS = dict(ptq="naive PTQ", brecq="BRECQ-style", edadm="EDA-DM")   # compare.
 
 
 def check_config(cfg):
-    """Checks the flags and fills in what 0 leaves open (bit widths from --bits, the official learning rates
-    for the weight bits). Returns the ablations asked for."""
+    """Checks the flags, fills in what 0 leaves open (bits, the official LRs); returns the ablations asked."""
     cfg.w_bits, cfg.a_bits = resolve_bits(cfg.bits, cfg.w_bits, cfg.a_bits)
     check_bits(sm_bits=cfg.sm_bits)
     ablate = parse_list(cfg.ablate, ("tdac", "fbr"), "--ablate")
     if cfg.first_last not in FIRST_LAST:
         raise UserError(f"--first-last {cfg.first_last!r}: choose from {', '.join(FIRST_LAST)}")
-    if not 2 <= cfg.steps <= 1000 or cfg.eta < 0:
-        raise UserError(f"--steps {cfg.steps} / --eta {cfg.eta}: DDIM needs 2..1000 steps and η >= 0")
+    if not 2 <= cfg.steps <= 1000 or cfg.eta < 0 or cfg.amp not in ("none", "bf16"):
+        raise UserError(f"--steps {cfg.steps} / --eta {cfg.eta} / --amp {cfg.amp}: DDIM needs 2..1000 steps "
+                        "and η >= 0; --amp is none or bf16")
     if not cfg.load and not cfg.batch <= cfg.calib <= cfg.calib_traj * cfg.steps:   # --load: no calibration
         raise UserError(f"--calib {cfg.calib} must lie in [--batch {cfg.batch}, --calib-traj x --steps = "
                         f"{cfg.calib_traj * cfg.steps}] (the FP trajectories hold that many points)")
@@ -555,8 +556,7 @@ def check_config(cfg):
 
 def calibration_sets(d, fp, cfg, seq, g):
     """One set of FP trajectories; TDAC and uniform counts select from the same points (under guidance each
-    with its unconditional copy). Returns {"tdac": data, "uniform": data} (data = dict(x, t, idx[, y])) and
-    the TDAC record for results.json."""
+    with its unconditional copy): {"tdac": dict(x, t, idx[, y]), "uniform": ...} and the TDAC record."""
     t0 = time.time()
     device = next(fp.parameters()).device
     x_traj, feats, labels = fp_trajectories(d, fp, cfg.calib_traj, seq, batch=cfg.eval_batch, eta=cfg.eta,
@@ -619,8 +619,9 @@ def save_variant(q, name, variant, cfg):
 def evaluate(q, ev, cfg, t0):
     """Samples of q from the sampling noise, and its ε-MSE against FP on the held-out points, PSNR against
     the FP samples, FID when possible. ev: d, noise, labels, seq, held, eps_ref, fp_x, device."""
-    x = ev["d"].images(q, ev["noise"], ev["seq"], labels=ev["labels"], eta=cfg.eta, cfg_scale=cfg.cfg_scale,
-                       batch=cfg.eval_batch, seed=cfg.seed + 1)
+    with sampling_mode(q, amp=cfg.amp, compile=cfg.compile):        # weights quantized once
+        x = ev["d"].images(q, ev["noise"], ev["seq"], labels=ev["labels"], eta=cfg.eta,
+                           cfg_scale=cfg.cfg_scale, batch=cfg.eval_batch, seed=cfg.seed + 1)
     return x, dict(eps_mse=eps_mse(lambda d: q(*net_args(d)), ev["held"], ev["eps_ref"], cfg.eval_batch),
                    psnr=psnr(x, ev["fp_x"]), fid=fid_or_none(x, cfg.ref, ev["device"]),
                    seconds=time.time() - t0, peak_mb=peak_mb(ev["device"]))
@@ -650,14 +651,14 @@ def main():
     noise = torch.randn(cfg.n, *d.shape, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
     labels = d.labels(cfg.n)
     print(f"{cfg.model}, W{cfg.w_bits}A{cfg.a_bits} (softmax {cfg.sm_bits}), DDIM-{cfg.steps} η {cfg.eta}, "
-          f"N = {cfg.calib} from {cfg.calib_traj} trajectories, λ {cfg.lam}, r {cfg.radius}, "
-          f"γ {cfg.gamma}, {cfg.iters} iterations/unit, lr_w {cfg.lr_w:g}, lr_a {cfg.lr_a:g}, "
-          f"{cfg.n} samples, {device}")
+          f"N = {cfg.calib} from {cfg.calib_traj} trajectories, λ {cfg.lam}, r {cfg.radius}, γ {cfg.gamma}, "
+          f"{cfg.iters} iterations/unit, lr_w {cfg.lr_w:g}, lr_a {cfg.lr_a:g}, {cfg.n} samples, {device}")
 
     # FP: reference samples, and held-out ε-MSE points from its trajectories of the first 64 sampling noises
     t0 = time.time()
-    fp_x = d.images(fp, noise, seq, labels=labels, eta=cfg.eta, cfg_scale=cfg.cfg_scale, batch=cfg.eval_batch,
-                    seed=cfg.seed + 1)
+    with sampling_mode(fp, amp=cfg.amp, compile=cfg.compile):
+        fp_x = d.images(fp, noise, seq, labels=labels, eta=cfg.eta, cfg_scale=cfg.cfg_scale,
+                        batch=cfg.eval_batch, seed=cfg.seed + 1)
     held = d.points(fp, noise[:64], seq, g, labels=None if labels is None else labels[:64], eta=cfg.eta,
                     cfg_scale=cfg.cfg_scale)
     ev = dict(d=d, noise=noise, labels=labels, seq=seq, held=held, fp_x=fp_x, device=device,
@@ -674,8 +675,7 @@ def main():
             torch.cuda.reset_peak_memory_stats(device)
         torch.manual_seed(cfg.seed)                      # every variant: the same QDrop/batch draws
         if saved:
-            q = load_variant(fp, state, saved, cfg, example)
-            log = None
+            q, log = load_variant(fp, state, saved, cfg, example), None
         else:
             q, log = build_variant(fp, VARIANTS[name], calib, cfg, example)
         switch(q, True)

@@ -240,10 +240,10 @@ def statistics(images, model, batch_size=50, device="cpu", progress=True):
     convention), a list of image files, or float [N, 3, H, W] in [-1, 1] as the samplers return them,
     rounded to uint8 as saving them to PNG would, so that FID in memory equals FID of the saved files.
     Under torchrun each process takes every world-th image, and the float64 sums are all-reduced (no IS)."""
-    n, world = len(images), dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    (world, rank), n = common.world_rank(), len(images)
     if n < 2:
         raise UserError(f"FID needs at least 2 images, got {n}: the covariance of one image is undefined")
-    mine = images[dist.get_rank()::world] if world > 1 else images
+    mine = images[rank::world]
     model = model.to(device, memory_format=torch.channels_last)     # NHWC convs: ~1.5x faster on CPU
     s1, s2, logits = np.zeros(2048), np.zeros((2048, 2048)), []     # sum f, sum f f^T in float64 (as EDM)
     tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False  # TF32: features ±1e-3

@@ -11,15 +11,14 @@ al., CVPR 2025, arXiv 2406.17343; official code github.com/Juanerx/Q-DiT @519d24
 
 One run climbs the paper's ablation ladder on one calibration set and sampling noise: FP; naive RTN (per-row
 weights, per-tensor static activations); fixed g, static; fixed g, dynamic; the searched g. Out: a table,
-results.json, each rung's grid and state, compare.png, searched_config.json. A state or searched_config.json
-carries its model and run settings (CARRIED); --load takes that model's preset, then these, then flags given
-(except a saved rung's quantizer settings: a flag contradicting them is an error).
+results.json, each rung's grid and state (with its settings, for --load), compare.png, searched_config.json.
 
     python qdit.py                                # bundled DiT, quick preset with a small search (2-core CPU)
     python qdit.py --no-search --group-size 32    # the fixed-g ladder only
     python qdit.py --model dit-xl-2-256 --search --ref VIRTUAL_imagenet256_labeled.npz   # the paper's (GPU)
     python qdit.py --load runs/qdit/searched_config.json   # FP and the searched rung again, no search
     python qdit.py --load runs/qdit/g64_static.safetensors --n 64   # a saved rung again, with 64 samples
+    torchrun --nproc_per_node 8 qdit.py -- --model dit-xl-2-256 ...  # sampling and search shared by 8 GPUs
 
 Expected result of `python qdit.py` (bundled DiT, W4A8, N = 256, 2-core CPU, ~350 s):
     rung           fp       rtn  g64_static  g64_dynamic  searched (mean g 64.0)
@@ -37,7 +36,7 @@ Where this differs from the paper or the official code:
 - attention matmuls left FP (official --quantize_bmm_input crashes as shipped)
 - min-max ranges as they are, z clamped, as official quant.py (0 not forced in): --include-zero
 - the search scores RTN with symmetric W and A and no CFG, as evolution.sh: --search-final
-- fp32 throughout, TF32 off (official quant_main.py: fp16 model under autocast)
+- fp32 throughout, TF32 off in GPTQ (official quant_main.py: fp16 model under autocast): --amp bf16 samples
 - cost budget mean g >= --budget (official evolution.py), not the paper's BitOps: --bitops
 - GPTQ catches the block inputs once, then goes block by block (quant_main.py reruns the model per block)
 - FID samples are drawn, 10k as quant_main.sh (its sample_fid call is commented out): --n
@@ -52,9 +51,10 @@ from tqdm import tqdm
 
 from common import (CACHE, CHECKPOINTS, QuantLinear, UserError, atomic_write, check_bits, ddim_sample,
                     ddim_timesteps, eps_mse, fake_quant, fid_or_none, held_out, linear_alphas_cumprod,
-                    load_saved, load_strict, minmax_range, parse_config, peak_mb, pick_device, predict,
+                    load_saved, load_strict, minmax_range, parse_config, peak_mb, predict,
                     print_table, psnr, qrange, quant_params, replace_modules, run_main, save_grid,
-                    save_panels, save_safetensors, seed_everything, to_rows, write_record)
+                    save_panels, save_safetensors, seed_everything, to_rows, world_rank, write_record)
+from models import distributed, gather_rows, map_rows, sampling_mode
 from models.dit import CONFIGS, eps_fn, load_dit
 from models import vae as sd_vae
 
@@ -102,9 +102,11 @@ class Config:
     search_final: bool = False     # search with the final W/A symmetry and CFG (evolution.sh: sym., no CFG)
     n: int = 10000                 # samples per rung for FID / PSNR / the grid (quant_main.sh: 10k)
     eval_batch: int = 16           # images per sampling batch (quant_main.sh: 16; CFG doubles the forward)
+    amp: str = "none"              # sampling under autocast: none (fp32) or bf16 (as DiT's sample.py)
+    compile: bool = False          # torch.compile the network for sampling
     ref: str = ""                  # FID reference statistics .npz (ADM ref batch, eval_fid --save-stats)
     seed: int = 0                  # seed of calibration and the EA; seed + 1: sampling noise and labels
-    device: str = "auto"           # auto, cpu or cuda
+    device: str = "auto"           # auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)
     out: str = "runs/qdit"         # results.json, grids, quantized states, searched_config.json
     load: str = ""                 # searched_config.json (its g, no search) or a saved rung .safetensors
 
@@ -148,8 +150,7 @@ def rtn(W, bits, g, sym, include_zero=False):
 
 
 def fake_quant_(x, s, z, qmin, qmax):
-    """common.fake_quant's values without the straight-through estimator, in place on one fresh tensor: the
-    dynamic quantizers are sampling's hot loop, and a W4A8 forward of the bundled model is ~1.7x faster."""
+    """common.fake_quant's values, no straight-through estimator, in place: sampling's hot loop (~1.7x)."""
     return torch.div(x, s).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
 
 
@@ -181,10 +182,9 @@ class ActQuant(nn.Module):
 # Which layers (official qdit/modelutils.py): qkv, proj, fc1, fc2 (weights, inputs), adaLN (weights)
 
 def quantize(fp, genes, a_bits, a_sym, act, *, adaln_g, include_zero=False):
-    """A copy of fp with the Linears above wrapped (common.QuantLinear), weights still FP. The four Linears of
-    block i get an input quantizer at their gene's g (act: dynamic, static, or tensor = static, one group) and
-    keep g (m.g) for their weights too. adaLN_modulation.1 keeps adaln_g (None: FP). Attention matmuls,
-    embeddings, the final layer, norms and gates stay FP."""
+    """A copy of fp with the Linears above wrapped (common.QuantLinear), weights FP. Block i's four get an
+    input quantizer at their gene's g (act: dynamic, static, or tensor = static, one group), their weights g
+    too (m.g); adaLN_modulation.1 adaln_g (None: FP). Attention matmuls, embeddings, the rest stay FP."""
     g_of = dict(zip(gene_layers(fp), genes))
     if adaln_g is not None:
         g_of |= {f"blocks.{i}.adaLN_modulation.1": adaln_g for i in range(len(fp.blocks))}
@@ -237,9 +237,8 @@ def calibrate_static(q, calib, batch):
 # GPTQ with a group size per layer (official qdit/gptq.py GPTQ.fasterquant, each layer with its own g)
 
 def gptq_params(w, bits, sym):
-    """GPTQ's own min-max quantizer (official gptq.py Quantizer_GPTQ), one (s, z) per row of w [d_out, g]:
-    the range always holds 0 and [0, 0] becomes [−1, 1]; symmetric keeps the 2^b codes and centres them at
-    z = 2^(b−1), s = 2·max|w|/(2^b − 1). Codes are 0..2^b − 1 either way."""
+    """GPTQ's min-max quantizer (official gptq.py Quantizer_GPTQ), an (s, z) per row of w [d_out, g]: 0 always
+    in range, [0, 0] -> [−1, 1]; symmetric: z = 2^(b−1), s = 2·max|w|/(2^b − 1); codes 0..2^b − 1."""
     lo, hi = w.amin(1, keepdim=True).clamp(max=0), w.amax(1, keepdim=True).clamp(min=0)   # [d_out, 1]
     if sym:
         hi = torch.maximum(-lo, hi)
@@ -346,21 +345,19 @@ def calibration_set(fp, n, batch, seq, abar, *, cfg_scale, shape, generator, dev
     return {k: v[:n].to(device) for k, v in data.items()}
 
 
-def to_float(u8):
-    return u8.permute(0, 3, 1, 2).float() / 127.5 - 1               # uint8 [N, H, W, 3] -> [N, 3, H, W], ±1
+def to_float(u8):  # uint8 [N, H, W, 3] -> [N, 3, H, W] in ±1
+    return u8.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 @torch.no_grad()
-def sample(net, noise, labels, seq, abar, *, cfg_scale, batch, vae=None, progress=True):
-    """DDIM from the given noise and labels, through the VAE for latent models, as uint8 [N, H, W, 3]:
-    what FID reads, and 10k images at 256 px fit in memory only as bytes. fp32 throughout."""
-    out = []
-    for xb, yb in tqdm(list(zip(noise.split(batch), labels.split(batch))), desc="sampling", leave=False,
-                       disable=not progress):
-        x = ddim_sample(eps_fn(net, yb, cfg_scale), xb, seq, abar)
+def sample(net, noise, labels, seq, abar, *, cfg_scale, batch, vae=None, shard=True):
+    """DDIM from the given noise and labels, through the VAE for latent models, as uint8 [N, H, W, 3]: what
+    FID reads, and 10k images at 256 px fit in memory only as bytes. Shared out under torchrun (map_rows)."""
+    def run(r):
+        x = ddim_sample(eps_fn(net, labels[r], cfg_scale), noise[r], seq, abar)
         x = vae.decode(x) if vae is not None else x                 # [B, 3, H, W], about [−1, 1]
-        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
-    return torch.cat(out)
+        return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    return map_rows(run, len(noise), batch, shard=shard, progress=shard)
 
 
 def psnr_u8(x, ref, chunk=500):
@@ -376,14 +373,20 @@ def evolution(fitness, n_genes, space, legal, start, *, cfg, rng):
     `start` (official: [128]·112) and random legal vectors; each epoch merges it into the elite (the best K
     seen), breeds `mutation` children (a random elite parent, each gene redrawn with probability p_mut) and
     `crossover` children (each gene from either of two parents, 1/2 each), at most 10 tries per child, and
-    refills at random; one more merge ends it. Legal candidates are scored once, when first proposed."""
+    refills at random; one more merge ends it. Legal candidates are scored once, those proposed in one go
+    together: under torchrun process r scores the r-th, (r + W)-th, ... (models.gather_rows shares them)."""
     seen, pop, history = {}, [], []
 
     def consider(cand):
         cand = tuple(cand)
         if cand not in seen and legal(cand):
-            seen[cand] = fitness(cand)
+            seen[cand] = None                                       # scored by score_new
             pop.append(cand)
+
+    def score_new():
+        new, (world, rank) = [c for c in pop if seen[c] is None], world_rank()
+        mine = torch.tensor([fitness(c) for c in new[rank::world]], dtype=torch.float64)
+        seen.update(zip(new, (gather_rows(mine, len(new), world) if world > 1 and new else mine).tolist()))
 
     def breed(make, k):
         before = len(pop)
@@ -397,6 +400,7 @@ def evolution(fitness, n_genes, space, legal, start, *, cfg, rng):
 
     consider(start)
     refill()
+    score_new()
     elite = []
     for epoch in tqdm(range(cfg.epochs), desc="search", leave=False):
         elite = sorted(set(elite) | set(pop), key=lambda c: (seen[c], c))[:cfg.topk]
@@ -406,6 +410,7 @@ def evolution(fitness, n_genes, space, legal, start, *, cfg, rng):
         breed(lambda: [a if rng.random() < 0.5 else b for a, b in zip(rng.choice(elite), rng.choice(elite))],
               cfg.crossover)
         refill()
+        score_new()
         history.append(dict(epoch=epoch, best=seen[elite[0]], evaluated=len(seen)))
     elite = sorted(set(elite) | set(pop), key=lambda c: (seen[c], c))[:cfg.topk]
     return list(elite[0]), seen[elite[0]], dict(evaluated=len(seen), history=history,
@@ -433,10 +438,10 @@ def fid_few(f, mu_r, sigma_r):
 
 
 def fitness_fn(fp, cfg, kind, shape, vae, *, device):
-    """The loss of a g vector (official evolution.py, evolution.sh): the FP model, dynamic input quantizers at
-    the candidate's g, RTN weights (never GPTQ), symmetric, no CFG unless --search-final; adaLN weights at
-    --group-size; one noise and label set for all (a private generator). kind fid: FID of the samples against
-    --ref (Inception features as eval_fid.statistics); mse: their mean squared distance to FP's samples."""
+    """The loss of a g vector (official evolution.py, evolution.sh): FP model, dynamic input quantizers at the
+    candidate's g, RTN weights (never GPTQ), symmetric, no CFG unless --search-final; adaLN at --group-size;
+    one noise and label set for all. kind fid: FID of the samples against --ref (eval_fid's Inception); mse:
+    their mean squared distance to FP's samples. Under torchrun each process scores its own candidates."""
     w_sym, a_sym, scale = (cfg.w_sym, cfg.a_sym, cfg.cfg_scale) if cfg.search_final else (True, True, 1.0)
     g = torch.Generator().manual_seed(cfg.fit_seed)
     noise = torch.randn(cfg.fit_n, *shape, generator=g).to(device)
@@ -448,7 +453,7 @@ def fitness_fn(fp, cfg, kind, shape, vae, *, device):
     w_fp = {name: mods[name].weight.detach().clone() for name in names}
     rtn_weights(q, cfg.w_bits, w_sym, cfg.include_zero)             # adaLN at --group-size, fixed
     run = lambda net: sample(net, noise, labels, seq, abar, cfg_scale=scale,  # noqa: E731
-                             batch=cfg.eval_batch, vae=vae, progress=False)
+                             batch=cfg.eval_batch, vae=vae, shard=False)
     if kind == "fid":
         import eval_fid
         inception = eval_fid.load_inception().to(device, memory_format=torch.channels_last)   # as eval_fid
@@ -484,8 +489,7 @@ def check_config(cfg):
     except ValueError:
         raise UserError(f"--space {cfg.space!r}: comma-separated group sizes, e.g. 32,64,128") from None
     if min(space) <= 0 or cfg.group_size < 0 or cfg.budget <= 0 or max(space) < cfg.budget:
-        raise UserError(f"need group sizes > 0, --group-size >= 0 and 0 < --budget {cfg.budget} "
-                        f"<= max(--space)")
+        raise UserError(f"need group sizes > 0, --group-size >= 0, 0 < --budget {cfg.budget} <= max(--space)")
     if not 2 <= cfg.steps <= 1000 or not 2 <= cfg.calib_steps <= 1000 or not 2 <= cfg.fit_steps <= 1000:
         raise UserError("--steps, --calib-steps and --fit-steps must lie in 2..1000")
     if not 1 <= cfg.calib_batch <= cfg.calib_steps or cfg.calib < 1 or cfg.n < 1 or cfg.fit_n < 2:
@@ -495,15 +499,14 @@ def check_config(cfg):
             or not 0 <= cfg.p_mut <= 1):
         raise UserError("need --population, --topk, --epochs >= 1, --crossover, --mutation >= 0, "
                         "0 <= --p-mut <= 1")
-    if cfg.fitness not in ("auto", "fid", "mse"):
-        raise UserError(f"--fitness {cfg.fitness!r}: choose auto, fid or mse")
+    if cfg.fitness not in ("auto", "fid", "mse") or cfg.amp not in ("none", "bf16"):
+        raise UserError(f"--fitness {cfg.fitness!r} / --amp {cfg.amp!r}: choose auto, fid, mse / none, bf16")
     return space
 
 
 def read_load(cfg):
-    """--load: (config, searched, loaded, state): searched_config.json gives searched (its g, no search), a
-    rung's .safetensors its rung (loaded) and state. The config is parsed again with the file's model and
-    CARRIED settings between that model's preset and the flags given; a rung's quantizer flags are fixed."""
+    """--load: (config, searched, loaded, state) of searched_config.json (its g, no search) or a rung's file;
+    the config parsed again with the file's CARRIED settings under the flags given (quantizer flags fixed)."""
     if not cfg.load:
         return cfg, None, None, None
     searched = loaded = st = None
@@ -541,11 +544,8 @@ def load_models(cfg, device, space, searched):
     if searched is not None and (searched.get("layers") != names or any(g <= 0 or w % g for w, g in zip(
             [mods[name].in_features for name in names], searched["group_sizes"]))):
         raise UserError(f"{cfg.load}: its layers or group sizes do not fit {cfg.model}")
-    kind = cfg.fitness
-    if kind == "auto":
-        inceptions = ("inception-torchscript", "inception-pytorch-fid")
-        kind = "fid" if cfg.ref and any(os.path.isfile(os.path.join(CACHE, CHECKPOINTS[k][2]))
-                                        for k in inceptions) else "mse"
+    kind = cfg.fitness if cfg.fitness != "auto" else "fid" if cfg.ref and any(os.path.isfile(os.path.join(
+        CACHE, CHECKPOINTS[k][2])) for k in ("inception-torchscript", "inception-pytorch-fid")) else "mse"
     if kind == "fid" and not cfg.ref:
         raise UserError("--fitness fid needs --ref (FID reference statistics)")
     return fp, vae, names, kind
@@ -564,8 +564,9 @@ def fp_reference(fp, vae, cfg, g, device):
     labels = torch.randint(fp.num_classes, (cfg.n,), generator=gen_n).to(device)
     seq, abar = ddim_timesteps("even", cfg.steps), linear_alphas_cumprod()
     bench = dict(noise=noise, labels=labels, seq=seq, abar=abar, vae=vae)
-    bench["fp_x"] = sample(fp, noise, labels, seq, abar, cfg_scale=cfg.cfg_scale, batch=cfg.eval_batch,
-                           vae=bench["vae"])
+    with sampling_mode(fp, amp=cfg.amp, compile=cfg.compile):
+        bench["fp_x"] = sample(fp, noise, labels, seq, abar, cfg_scale=cfg.cfg_scale, batch=cfg.eval_batch,
+                               vae=vae)
     h = min(32, cfg.n)
     eps_fp = eps_fn(fp, labels[:h], cfg.cfg_scale)
     bench["held"] = held_out(eps_fp, noise[:h], seq, abar, g, labels=labels[:h])
@@ -636,13 +637,13 @@ def build_rung(fp, rung, cfg, calib, *, st):
 
 def measure(q, rung, cfg, bench, t0):
     """q's result row (ε-MSE on the held-out points, PSNR and FID vs FP) and samples (uint8 [N, H, W, 3])."""
-    x = sample(q, bench["noise"], bench["labels"], bench["seq"], bench["abar"], cfg_scale=cfg.cfg_scale,
-               batch=cfg.eval_batch, vae=bench["vae"])
-    genes = rung["genes"]
+    with sampling_mode(q, amp=cfg.amp, compile=cfg.compile):
+        x = sample(q, bench["noise"], bench["labels"], bench["seq"], bench["abar"], cfg_scale=cfg.cfg_scale,
+                   batch=cfg.eval_batch, vae=bench["vae"])
+    genes, device = rung["genes"], bench["noise"].device
     row = dict(eps_mse=eps_mse(guided(q, cfg.cfg_scale), bench["held"], bench["eps_ref"], cfg.eval_batch),
-               psnr=psnr_u8(x, bench["fp_x"]), fid=fid_or_none(x, cfg.ref, bench["noise"].device),
-               seconds=time.time() - t0,
-               peak_mb=peak_mb(bench["noise"].device), mean_g=sum(genes) / len(genes) if all(genes) else None,
+               psnr=psnr_u8(x, bench["fp_x"]), fid=fid_or_none(x, cfg.ref, device), seconds=time.time() - t0,
+               peak_mb=peak_mb(device), mean_g=sum(genes) / len(genes) if all(genes) else None,
                act=rung["act"], weights=rung["weights"])
     return row, x
 
@@ -651,7 +652,7 @@ def main():
     cfg, searched, loaded, st = read_load(parse_config(Config, PRESETS))
     space = check_config(cfg)
     seed_everything(cfg.seed)
-    device, t_start = pick_device(cfg.device), time.time()
+    device, t_start = distributed(cfg.device)[2], time.time()      # torchrun: sampling and search shared
     fp, vae, names, kind = load_models(cfg, device, space, searched)
     os.makedirs(cfg.out, exist_ok=True)
     print(f"{cfg.model}, W{cfg.w_bits}A{cfg.a_bits}, g {cfg.group_size}, DDIM-{cfg.steps} (even), "

@@ -128,6 +128,26 @@ def test_lp_search_clips_outliers_and_beats_minmax():
     assert torch.all(lo1 == 0) and torch.all(hi1 > 0)              # one-signed rows: [0, τ]
 
 
+def test_lp_search_over_all_candidates_at_once_equals_one_at_a_time():
+    torch.manual_seed(0)
+    grid = [i / 100 for i in range(1, 101)]
+    for R, n in ((300, 700), (3, 700)):                              # candidates 1 and 31 per pass (CPU)
+        rows = torch.randn(R, n) * torch.rand(R, 1) * 3 + torch.rand(R, 1)
+        rows[0] = 0.0
+        lo, hi = lp_search_range(rows, 4, grid)
+        A = torch.maximum(-rows.amin(1, keepdim=True), rows.amax(1, keepdim=True))
+        lo0 = torch.where(rows.amin(1, keepdim=True) < 0, -A, 0.0)
+        hi0 = torch.where(rows.amax(1, keepdim=True) > 0, A, 0.0)
+        best, ref_lo, ref_hi = torch.full_like(A, float("inf")), lo0.clone(), hi0.clone()
+        for a in grid:                                              # the definition: the first best α wins
+            xq = fake_quant(rows, *quant_params(a * lo0, a * hi0, 4), 0, 15)
+            err = (xq - rows).abs().pow(2.4).mean(1, keepdim=True)
+            better = err < best
+            ref_lo, ref_hi = torch.where(better, a * lo0, ref_lo), torch.where(better, a * hi0, ref_hi)
+            best = torch.minimum(err, best)
+        assert torch.equal(lo, ref_lo) and torch.equal(hi, ref_hi)
+
+
 def test_lp_search_skew_rule_asymmetric_for_skewed_rows_only():
     torch.manual_seed(0)
     grid = torch.arange(1, 101) / 100
@@ -391,9 +411,10 @@ def test_ddpm_parity_with_official_code(layout):
     assert (eps - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
-def test_samplers_under_torchrun_write_the_same_images(tmp_path):
+@pytest.mark.parametrize("sampler", ["models.ddpm", "models.dit"])
+def test_samplers_under_torchrun_write_the_same_images(tmp_path, sampler):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = ["-m", "models.ddpm", "--n", "10", "--steps", "3", "--batch", "4", "--eta", "1"]  # x_T, η noise
+    args = ["-m", sampler, "--n", "10", "--steps", "3", "--batch", "4", "--eta", "1"]  # x_T, η noise, label
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "a.npz")], cwd=HERE, env=env,
                          capture_output=True, text=True, timeout=300)
     # torchrun parses flags that abbreviate its own (--n: --nnodes, --nproc_per_node) unless after `--`
@@ -401,10 +422,43 @@ def test_samplers_under_torchrun_write_the_same_images(tmp_path):
     two = subprocess.run([*torchrun, *args[:2], "--", *args[2:], "--out", str(tmp_path / "b.npz")], cwd=HERE,
                          env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-500:], two.stderr[-500:])
-    assert "2 process(es)" in two.stdout
+    assert "2 process(es)" in two.stdout and "destroy_process_group" not in two.stderr   # closed at exit
     a, b = np.load(tmp_path / "a.npz")["arr_0"], np.load(tmp_path / "b.npz")["arr_0"]
     assert a.shape == (10, 32, 32, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert len({im.tobytes() for im in a}) == 10                    # ten different images
     assert eval_fid.read_input(str(tmp_path / "a.npz")).shape == (10, 32, 32, 3)   # eval_fid reads it
+
+
+def test_dit_sampler_png_latents_and_bad_input(tmp_path, monkeypatch):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    def run(*flags):
+        return subprocess.run([sys.executable, "-m", "models.dit", *map(str, flags)], cwd=HERE, env=env,
+                              capture_output=True, text=True, timeout=300)
+    r = run("--n", "3", "--steps", "2", "--batch", "2", "--out", tmp_path / "g.png")
+    assert r.returncode == 0, r.stderr[-500:]
+    assert np.asarray(Image.open(tmp_path / "g.png")).shape == (2 + 34, 2 + 3 * 34, 3)   # one row of 32 px
+    for bad in (["--model", "nope"], ["--out", "x.jpg"], ["--n", "0"], ["--steps", "1"],
+                ["--cfg-scale", "0.5"]):
+        r = run("--n", "1", "--steps", "2", "--out", tmp_path / "x.png", *bad)          # the last flag wins
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (bad, r.stderr)
+    assert not os.path.exists(tmp_path / "x.png")
+    # a latent DiT (tiny stand-ins of DiT-XL/2 and the SD VAE): x_T in latents, images through the decoder
+    tiny = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                num_classes=10, learn_sigma=True)
+    monkeypatch.setitem(dit.CONFIGS, "dit-xl-2-256", tiny)
+    monkeypatch.setitem(vae.CONFIGS, "sd-vae-ft-mse", dict(
+        block_out_channels=(16, 32), layers_per_block=2, norm_num_groups=8, latent_channels=4,
+        out_channels=3))
+    torch.manual_seed(0)
+    common.save_safetensors(dit.DiT(**tiny).state_dict(), str(tmp_path / "tiny.safetensors"))
+    monkeypatch.setattr(sys, "argv", [
+        "dit.py", "--model", "dit-xl-2-256", "--ckpt", str(tmp_path / "tiny.safetensors"), "--vae",
+        os.path.join(FIX, "vae_tiny.safetensors"), "--n", "3", "--steps", "2", "--batch", "2",
+        "--device", "cpu", "--out", str(tmp_path / "z.npz")])
+    dit.main()
+    z = np.load(tmp_path / "z.npz")["arr_0"]
+    assert z.shape == (3, 16, 16, 3) and z.dtype == np.uint8                # 8×8 latents, decoded ×2
 
 
 def test_method_evaluation_under_torchrun_gives_the_same_metrics(tmp_path):
@@ -424,6 +478,52 @@ def test_method_evaluation_under_torchrun_gives_the_same_metrics(tmp_path):
         assert (one[v]["eps_mse"], one[v]["psnr"]) == (two[v]["eps_mse"], two[v]["psnr"]), v
     grids = [np.asarray(Image.open(tmp_path / d / "grid_dilatequant.png")) for d in ("one", "two")]
     assert np.array_equal(*grids) and not list(tmp_path.glob("*/*.tmp*"))    # same samples, no stray files
+
+
+def test_qdit_under_torchrun_gives_the_same_metrics_and_search(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    flags = ["--n", "8", "--steps", "2", "--calib", "8", "--calib-steps", "2", "--calib-batch", "2",
+             "--no-gptq", "--epochs", "1", "--population", "3", "--topk", "2", "--crossover", "2",
+             "--mutation", "2", "--fit-n", "4", "--fit-steps", "2", "--fitness", "mse", "--eval-batch", "4",
+             "--ref="]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for cmd, out in (([sys.executable, "qdit.py"], "one"), ([*torchrun, "qdit.py", "--"], "two")):
+        r = subprocess.run([*cmd, *flags, "--out", str(tmp_path / out)], cwd=HERE, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-500:]
+    one, two = (json.load(open(tmp_path / d / "results.json"))["metrics"] for d in ("one", "two"))
+    assert one["search"]["evaluated"] >= 4                          # candidates shared over the processes
+    assert one["search"]["elite"] == two["search"]["elite"]          # the same candidates and fitness values
+    for v in ("fp", "rtn", "g64_static", "g64_dynamic", "searched"):
+        assert (one[v]["eps_mse"], one[v]["psnr"]) == (two[v]["eps_mse"], two[v]["psnr"]), v
+
+
+def test_sampling_mode_quantizes_weights_once_and_gives_them_back():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(8 * 36, 5))
+
+    def wrap(name, layer):
+        wq = Quantizer(4, "channel")
+        wq.set_range(*minmax_range(wq.rows(layer.weight.data)))
+        wrapper = QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d
+        m = wrapper.from_float(layer, wq.make_learnable())
+        m.quant_w = True
+        return m
+    common.replace_modules(net, lambda n, m: isinstance(m, (nn.Conv2d, nn.Linear)), wrap)
+    x, before = torch.randn(4, 3, 6, 6), [m.weight for m in net.modules() if hasattr(m, "quant_w")]
+    with torch.no_grad():
+        ref = net(x)
+        with models.sampling_mode(net):
+            frozen = [m for m in net.modules() if hasattr(m, "quant_w")]
+            assert not any(m.quant_w for m in frozen)                # the quantizers are not called
+            assert all(torch.equal(m.weight, m.wq(w)) for m, w in zip(frozen, before))
+            assert torch.equal(net(x), ref)                          # the same values, bit for bit
+        with models.sampling_mode(net, amp="bf16"):
+            y = net(x)
+    assert y.dtype == torch.bfloat16 and (y.float() - ref).abs().max() <= 0.05 * ref.abs().max()
+    after = [m.weight for m in net.modules() if hasattr(m, "quant_w")]
+    assert all(a is b and a.requires_grad for a, b in zip(after, before))   # the trainable weights are back
+    assert all(m.quant_w for m in net.modules() if hasattr(m, "quant_w"))
 
 
 # ---- DiT and VAE

@@ -9,7 +9,7 @@ DDPM UNets of models/ddpm.py and the latent diffusion models of models/ldm.py.
 A `Diffusion` holds the ε network (cin256-v2: the UNet with its class embedder, ε(x, t, y)), the shape of
 x_T, ᾱ, the sampler's conventions and the decoder from the sampler's output to images in [−1, 1].
 """
-import os
+import atexit, contextlib, os
 from typing import NamedTuple
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from common import (UserError, atomic_write, ddim_sample, ddim_timesteps, held_out, linear_alphas_cumprod,
-                    pick_device, save_grid)
+                    pick_device, save_grid, world_rank)
 
 
 class Diffusion(NamedTuple):
@@ -51,23 +51,15 @@ class Diffusion(NamedTuple):
     @torch.no_grad()
     def images(self, net, noise, seq, *, labels=None, eta=0.0, cfg_scale=1.0, batch=64, before_step=None,
                seed=None):
-        """Decoded DDIM samples of `net` from `noise` (labels: their classes or None), `batch` at a time; the
-        η > 0 noise of row i from image_generators(seed, [i]) (seed None: the global RNG). Under torchrun
-        process r samples rows r, r + W, ... (forwards padded to `batch`) and every process gets all of them:
-        the same images for any process count."""
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        rows, out = torch.arange(dist.get_rank() if world > 1 else 0, len(noise), world), []
-        for i in tqdm(range(0, len(rows), batch), desc="sampling", leave=False):
-            r = rows[i:i + batch]
-            x, y, pad = noise[r], None if labels is None else labels[r], batch - len(r) if world > 1 else 0
-            x = torch.cat([x, x[:1].expand(pad, *x.shape[1:])])
-            y = y if y is None else torch.cat([y, y[:1].expand(pad)])
-            g = None if eta == 0 or seed is None else image_generators(seed, r.tolist() + [len(noise)] * pad)
-            z = self.sample(self.eps(net, y, cfg_scale), x, seq, eta=eta, before_step=before_step,
-                            generator=g)
-            out.append(self.decode(z[:len(r)]).cpu())
-        images = torch.cat(out)
-        return gather_rows(images, len(noise), world) if world > 1 else images
+        """Decoded DDIM samples of `net` from `noise` (labels: their classes or None), `batch` at a time
+        (map_rows: shared out under torchrun); the η > 0 noise of row i from image_generators(seed, [i])
+        (seed None: the global RNG)."""
+        def run(r):
+            g = None if eta == 0 or seed is None else image_generators(seed, r.tolist())
+            z = self.sample(self.eps(net, None if labels is None else labels[r], cfg_scale), noise[r], seq,
+                            eta=eta, before_step=before_step, generator=g)
+            return self.decode(z).float().cpu()
+        return map_rows(run, len(noise), batch)
 
     def points(self, net, noise, seq, generator, *, labels=None, eta=0.0, cfg_scale=1.0, n=512):
         """common.held_out on this model's sampler: n random inputs (x, t, idx[, y]) of net's trajectories."""
@@ -157,6 +149,7 @@ def distributed(device="auto"):
         return 0, 1, pick_device(device)
     cuda = torch.cuda.is_available() and device != "cpu"
     dist.init_process_group("nccl" if cuda else "gloo")
+    atexit.register(lambda: dist.destroy_process_group() if dist.is_initialized() else None)  # ends with us
     return dist.get_rank(), world, pick_device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
 
 
@@ -184,6 +177,40 @@ def sample_sharded(sample_fn, n, shape, *, seed, batch, rank=0, world=1):
     return images if rank == 0 else None
 
 
+@torch.no_grad()
+def map_rows(fn, n, batch, *, shard=True, progress=True):
+    """torch.cat of fn(rows) over rows 0..n−1, `batch` at a time. Under torchrun (shard) process r takes rows
+    r, r + W, ..., each call padded to `batch` rows with copies of its first (a kernel may round differently
+    at another size), and every process gets all n rows in order: the same result for any process count."""
+    world, rank = world_rank() if shard else (1, 0)
+    rows, out = torch.arange(rank, n, world), []
+    for i in tqdm(range(0, len(rows), batch), desc="sampling", leave=False, disable=not progress):
+        r = rows[i:i + batch]
+        out.append(fn(torch.cat([r, r[:1].expand(batch - len(r) if world > 1 else 0)]))[:len(r)])
+    return gather_rows(torch.cat(out), n, world) if world > 1 else torch.cat(out)
+
+
+@contextlib.contextmanager
+def sampling_mode(net, *, amp="none", compile=False):
+    """Sampling a trained model: each fake-quantized weight quantized once for the block (the same values);
+    with --compile net.forward torch.compile'd; with --amp bf16 convolutions and matmuls under bf16 autocast
+    (as the official DiT samples; DDIM's arithmetic stays fp32). Default: fp32, eager."""
+    frozen = [(m, m.weight) for m in net.modules() if getattr(m, "quant_w", False)]
+    for m, w in frozen:
+        with torch.no_grad():
+            m.weight, m.quant_w = nn.Parameter(m.wq(w), requires_grad=False), False
+    if compile:
+        net.forward = torch.compile(net.forward)                    # an instance attribute, dropped after
+    try:
+        with torch.autocast(next(net.parameters()).device.type, torch.bfloat16, enabled=amp == "bf16"):
+            yield
+    finally:
+        if compile:
+            del net.forward
+        for m, w in frozen:
+            m.weight, m.quant_w = w, True
+
+
 def gather_rows(part, n, world):
     """Every process's rows r, r + W, r + 2W, ... (this one's: `part`) back in order 0..n−1, for all."""
     parts = [None] * world
@@ -192,11 +219,8 @@ def gather_rows(part, n, world):
 
 
 def save_images(images, path):
-    """The end of a sharded run: the process group (if any) closes, and rank 0 (the one with images, uint8
-    [N, H, W, 3]) writes them as a PNG grid, or as .npz under arr_0 (ADM's convention; eval_fid.py reads
-    it). Returns whether this process wrote."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """The end of a sharded run: rank 0 (the one with images, uint8 [N, H, W, 3]) writes them as a PNG grid,
+    or as .npz under arr_0 (ADM's convention; eval_fid.py reads it). Returns whether this process wrote."""
     if images is None:
         return False
     if path.endswith(".npz"):

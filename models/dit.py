@@ -12,14 +12,18 @@ patch embedding, attention and MLP from timm; here they are spelled out under ti
 - Identity hook points on the attention matmul inputs (act_q, act_k, act_v, act_softmax), named as in
   models/ddpm.py. The Linears qkv, proj, fc1, fc2 (the layers official Q-DiT quantizes, qdit/qBlock.py)
   are quantized by replacing the Linear itself (common.replace_modules + QuantLinear.from_float).
+- `python -m models.dit`: a DDIM sampler CLI like models/ddpm.py's (PNG grid or .npz, sharded under torchrun).
 """
 import math
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, fetch_checkpoint, load_state_dict, load_strict
+from common import (UserError, ddim_sample, ddim_timesteps, fetch_checkpoint, linear_alphas_cumprod,
+                    load_state_dict, load_strict, parse_config, run_main)
 
 # DiT-XL/2 (675 M parameters); the latent is image/8: 32×32 at 256 px (256 tokens), 64×64 at 512 px (1024).
 XL_2 = dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16)
@@ -228,3 +232,47 @@ def load_dit(model="dit-xl-2-256", ckpt=None):
         raise UserError(f"unknown model {model!r}; choose one of {', '.join(CONFIGS)}")
     path = fetch_checkpoint(ckpt or model)
     return load_strict(DiT(**CONFIGS[model]), load_state_dict(path), path).eval()
+
+
+@dataclass
+class Config:
+    """Sample a PNG grid from a DiT with DDIM on DiT's "even" timesteps (python -m models.dit)."""
+    model: str = "dit-cifar10-small"  # dit-cifar10-small (bundled, offline), dit-xl-2-256 or dit-xl-2-512
+    ckpt: str = ""                # weights: a file or a checkpoint name (default: the model's own)
+    vae: str = "sd-vae-ft-mse"    # decoder of dit-xl-2 latents: a name in models/vae.py or a weights file
+    n: int = 64                   # number of images
+    steps: int = 50               # DDIM steps (at least 2)
+    eta: float = 0.0              # DDIM eta (0: deterministic)
+    cfg_scale: float = 1.5        # classifier-free guidance on channels 0-2 (DiT forward_with_cfg); 1: none
+    seed: int = 0                 # image i's x_T, class label (uniform), eta noise: a generator of (seed, i)
+    batch: int = 64               # images per forward (the same for any number of processes; CFG doubles it)
+    device: str = "auto"          # auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)
+    out: str = "samples.png"      # a PNG grid, or .npz: uint8 [N, H, W, 3] under arr_0 (ADM's convention)
+
+
+def main():
+    """One process, or one of WORLD_SIZE under torchrun (models.sample_sharded): the same images."""
+    from models import distributed, sample_sharded, save_images, vae as sd_vae  # here: `-m models.dit`
+    cfg = parse_config(Config)
+    if not (cfg.out.endswith((".png", ".npz")) and min(cfg.n, cfg.batch) >= 1 and cfg.steps >= 2
+            and cfg.eta >= 0 and cfg.cfg_scale >= 1):
+        raise UserError("need --out .png/.npz, --n/--batch >= 1, --steps >= 2, --eta >= 0, --cfg-scale >= 1")
+    rank, world, device = distributed(cfg.device)
+    seq, abar = ddim_timesteps("even", cfg.steps), linear_alphas_cumprod()
+    net, size = load_dit(cfg.model, cfg.ckpt or None).to(device), CONFIGS[cfg.model]["input_size"]
+    decode = (sd_vae.load_vae(*(cfg.vae, None) if cfg.vae in sd_vae.CONFIGS else ("sd-vae-ft-mse", cfg.vae))
+              if net.in_channels == 4 else nn.Identity()).to(device)       # latents: the SD VAE, as qdit.py
+
+    def sample(x, gens, idx):                                       # labels: image i's generator, after x_T
+        y = torch.cat([torch.randint(net.num_classes, (1,), generator=g) for g in gens]).to(device)
+        return decode(ddim_sample(eps_fn(net, y, cfg.cfg_scale), x.to(device), seq, abar, eta=cfg.eta,
+                                  generator=gens))
+    t0 = time.time()
+    images = sample_sharded(sample, cfg.n, (net.in_channels, size, size), seed=cfg.seed, batch=cfg.batch,
+                            rank=rank, world=world)
+    if save_images(images, cfg.out):
+        print(f"{cfg.n} images, DDIM-{cfg.steps}, {world} process(es), {time.time() - t0:.1f} s -> {cfg.out}")
+
+
+if __name__ == "__main__":
+    run_main(main)
