@@ -371,17 +371,19 @@ def init_tpq(q, calib, T, search=True, batch=256, skew=SKEW):
 # Calibration data: FP sampling trajectories, samples drawn at random across steps (data-free)
 
 @torch.no_grad()
-def calibration_set(d, fp, seq, *, n, trajectories, batch, eta, cfg_scale, generator):
+def calibration_set(d, fp, seq, *, n, trajectories, batch, eta, cfg_scale, generator, seed):
     """`n` random (x_t, t, step index[, class]) from `trajectories` FP DDIM trajectories of the model `d`
     (random classes; under guidance also the unconditional inputs), as the official README's random sampling
-    (EDA-DM chooses how many per step instead)."""
+    (EDA-DM chooses how many per step instead). Trajectories are shared out under torchrun (η > 0: noise
+    of trajectory i from (seed, i)); the points are gathered per batch of trajectories, step by step."""
     noise = torch.randn(trajectories, *d.shape, generator=generator).to(next(fp.parameters()).device)
-    labels, parts = d.labels(trajectories, generator), []
-    for i in tqdm(range(0, trajectories, batch), desc="FP trajectories", leave=False):
-        y = None if labels is None else labels[i:i + batch]
-        part = d.points(fp, noise[i:i + batch], seq, generator, labels=y, eta=eta, cfg_scale=cfg_scale,
-                        n=None)
-        parts.append(d.with_uncond(part, cfg_scale))
+    labels, S, parts = d.labels(trajectories, generator), len(seq), []
+    xs = d.trajectories(fp, noise, seq, labels=labels, eta=eta, cfg_scale=cfg_scale, batch=batch, seed=seed)
+    for c in torch.arange(trajectories).split(batch):
+        i = torch.arange(S - 1, -1, -1).repeat_interleave(len(c))    # the step's index in seq, noisiest first
+        part = dict(x=xs[c].transpose(0, 1).flatten(0, 1), t=torch.as_tensor(seq).float()[i], idx=i)
+        part |= {} if labels is None else dict(y=labels[c].repeat(S))
+        parts.append(d.with_uncond({k: v.to(noise.device) for k, v in part.items()}, cfg_scale))
     data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     pick = torch.randperm(len(data["x"]), generator=generator)[:n]
     return {k: v[pick] for k, v in data.items()}
@@ -653,7 +655,7 @@ def main():
     save_grid(fp_x[:64], os.path.join(cfg.out, "grid_fp.png"))
     if not saved:
         calib = calibration_set(d, fp, seq, n=cfg.calib, trajectories=cfg.calib_traj, batch=cfg.eval_batch,
-                                eta=cfg.eta, cfg_scale=cfg.cfg_scale, generator=g)
+                                eta=cfg.eta, cfg_scale=cfg.cfg_scale, generator=g, seed=cfg.seed)
         calib_eps = predict(eps_of(fp, quantized=False), calib, cfg.eval_batch)   # ε_FP, for k_t
 
     samples = {}

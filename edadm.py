@@ -312,25 +312,18 @@ def init_acts(q, calib, search, batch=256):
 # density and variety of the middle-block feature per step, counts per step
 
 @torch.no_grad()
-def fp_trajectories(d, fp, B, seq, *, batch, eta, cfg_scale, generator):
-    """B FP DDIM trajectories of the model `d` (random classes if it is class-conditional): the model input
-    x [T_s, B, C, H, W] of every step, the latent feature F [T_s, B, C', h, w], the input of the middle
-    attention block (a forward hook on d.feature: mid.attn_1 / middle_block.1, as the official code; under
-    guidance 2B rows [uncond; cond]), and the labels [B] or None. Steps are indexed in denoising order,
-    k = 0 the first (noisiest) one."""
-    xs, feats = [], []
-    mid = dict(fp.named_modules())[d.feature]
-    hook = mid.register_forward_hook(lambda m, args, out: feats[-1].append(args[0].cpu()))
+def fp_trajectories(d, fp, B, seq, *, batch, eta, cfg_scale, generator, seed):
+    """B FP DDIM trajectories of the model `d` (random classes if it is class-conditional; shared out under
+    torchrun, η > 0 noise of trajectory i from (seed, i)): the model input x [T_s, B, C, H, W] of every step,
+    the latent feature F [T_s, B, C', h, w], the input of the middle attention block (d.feature: mid.attn_1 /
+    middle_block.1, as the official code; under guidance 2B rows), and the labels [B] or None. Steps are
+    indexed in denoising order, k = 0 the first (noisiest) one."""
     noise = torch.randn(B, *d.shape, generator=generator).to(next(fp.parameters()).device)
     labels = d.labels(B, generator)
-    for i in tqdm(range(0, B, batch), desc="FP trajectories", leave=False):
-        feats.append([])
-        y = None if labels is None else labels[i:i + batch]
-        _, traj = d.sample(d.eps(fp, y, cfg_scale), noise[i:i + batch], seq, eta=eta, trajectory=True)
-        xs.append(torch.stack([x for x, _, _ in traj]))              # [T_s, b, C, H, W], k = 0..T_s−1
-        feats[-1] = torch.stack(feats[-1])                           # [T_s, b or 2b, C', h, w]
-    hook.remove()
-    return torch.cat(xs, 1), torch.cat(feats, 1), labels
+    xs, feats = d.trajectories(fp, noise, seq, labels=labels, eta=eta, cfg_scale=cfg_scale, batch=batch,
+                               seed=seed, feature=d.feature)          # [B, T_s, ...], guided [B, T_s, 2, ...]
+    feats = feats.transpose(0, 1)
+    return xs.transpose(0, 1), feats.flatten(1, 2) if feats.dim() == 6 else feats, labels
 
 
 def tdac_scores(Fk, r):
@@ -560,7 +553,7 @@ def calibration_sets(d, fp, cfg, seq, g):
     t0 = time.time()
     device = next(fp.parameters()).device
     x_traj, feats, labels = fp_trajectories(d, fp, cfg.calib_traj, seq, batch=cfg.eval_batch, eta=cfg.eta,
-                                            cfg_scale=cfg.cfg_scale, generator=g)
+                                            cfg_scale=cfg.cfg_scale, generator=g, seed=cfg.seed)
     D, V, mse = tdac_scores(feats.to(device), cfg.radius)
     counts = {"tdac": tdac_counts(D.cpu(), V.cpu(), cfg.lam, cfg.calib),
               "uniform": largest_remainder(torch.ones(cfg.steps) / cfg.steps, cfg.calib)}

@@ -330,19 +330,20 @@ def gptq_model(q, calib, bits, sym, *, blocksize, damp, batch):
 
 @torch.no_grad()
 def calibration_set(fp, n, batch, seq, abar, *, cfg_scale, shape, generator, device):
-    """Official collect_cali_data.py: FP DDIM + CFG trajectories, `batch` at a time, and per batch distinct
-    steps drawn, step j for trajectory j: one (x_t, t, y) per trajectory, x_t the conditional half."""
-    xs, ts, ys = [], [], []
-    for _ in range(-(-n // batch)):
-        z = torch.randn(batch, *shape, generator=generator).to(device)
-        y = torch.randint(fp.num_classes, (batch,), generator=generator).to(device)
-        _, traj = ddim_sample(eps_fn(fp, y, cfg_scale), z, seq, abar, trajectory=True)   # [(x_t, t, i)]
-        steps = torch.randperm(len(seq), generator=generator)[:batch].tolist()
-        xs += [traj[k][0][j] for j, k in enumerate(steps)]
-        ts += [float(traj[k][1]) for k in steps]
-        ys.append(y.cpu())
-    data = dict(x=torch.stack(xs), t=torch.tensor(ts), y=torch.cat(ys))
-    return {k: v[:n].to(device) for k, v in data.items()}
+    """Official collect_cali_data.py: FP DDIM + CFG trajectories, `batch` at a time, per batch distinct steps
+    drawn: one (x_t, t, y) per trajectory, x_t the conditional half. Shared out under torchrun (map_rows)."""
+    draws = [(torch.randn(batch, *shape, generator=generator), torch.randint(fp.num_classes, (batch,),
+              generator=generator), torch.randperm(len(seq), generator=generator)[:batch]) for _ in
+             range(-(-n // batch))]
+    z, y, step = (torch.cat(v) for v in zip(*draws))                # step k: the k-th, noisiest first
+
+    def run(r):
+        _, traj = ddim_sample(eps_fn(fp, y[r].to(device), cfg_scale), z[r].to(device), seq, abar,
+                              trajectory=True)
+        return torch.stack([traj[k][0][j] for j, k in enumerate(step[r].tolist())])
+    x = map_rows(run, len(z), batch, desc="calibration")
+    t = torch.tensor([float(seq[len(seq) - 1 - k]) for k in step.tolist()])
+    return {k: v[:n].to(device) for k, v in dict(x=x, t=t, y=y).items()}
 
 
 def to_float(u8):  # uint8 [N, H, W, 3] -> [N, 3, H, W] in ±1
@@ -624,8 +625,7 @@ def build_rung(fp, rung, cfg, calib, *, st):
             if m.quant_a and not m.aq.dynamic:
                 m.aq.lo = m.weight.new_zeros(m.weight.shape[1] // m.aq.g, 1)
                 m.aq.hi = torch.zeros_like(m.aq.lo)                 # its own tensor, else hi loads over lo
-        device = next(fp.parameters()).device
-        return load_strict(q, {k: v.to(device) for k, v in st.items()}, cfg.load)
+        return load_strict(q, {k: v.to(next(fp.parameters()).device) for k, v in st.items()}, cfg.load)
     if rung["act"] != "dynamic":
         calibrate_static(q, calib, cfg.calib_batch)
     if rung["weights"] == "gptq":

@@ -480,6 +480,21 @@ def test_method_evaluation_under_torchrun_gives_the_same_metrics(tmp_path):
     assert np.array_equal(*grids) and not list(tmp_path.glob("*/*.tmp*"))    # same samples, no stray files
 
 
+def test_edadm_calibration_and_evaluation_under_torchrun_match_one_process(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    flags = ["--iters", "1", "--n", "6", "--calib", "8", "--calib-traj", "6", "--eval-batch", "4",
+             "--batch", "4", "--steps", "3", "--eta", "1", "--ablate=", "--ref="]   # 6 trajectories, η noise
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for cmd, out in (([sys.executable, "edadm.py"], "one"), ([*torchrun, "edadm.py", "--"], "two")):
+        r = subprocess.run([*cmd, *flags, "--out", str(tmp_path / out)], cwd=HERE, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-500:]
+    one, two = (json.load(open(tmp_path / d / "results.json"))["metrics"] for d in ("one", "two"))
+    assert one["tdac"]["D"] == two["tdac"]["D"] and one["tdac"]["V"] == two["tdac"]["V"]   # same trajectories
+    for v in ("fp", "ptq", "brecq", "edadm"):
+        assert (one[v]["eps_mse"], one[v]["psnr"]) == (two[v]["eps_mse"], two[v]["psnr"]), v
+
+
 def test_qdit_under_torchrun_gives_the_same_metrics_and_search(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     flags = ["--n", "8", "--steps", "2", "--calib", "8", "--calib-steps", "2", "--calib-batch", "2",

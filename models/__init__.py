@@ -61,6 +61,31 @@ class Diffusion(NamedTuple):
             return self.decode(z).float().cpu()
         return map_rows(run, len(noise), batch)
 
+    @torch.no_grad()
+    def trajectories(self, net, noise, seq, *, labels=None, eta=0.0, cfg_scale=1.0, batch=64, seed=0,
+                     feature=None):
+        """DDIM trajectories of `net` from `noise`, `batch` at a time (map_rows: shared out under torchrun):
+        every step's input x_t, [N, S, C, H, W] in sampling order (the noisiest first), and with `feature` (a
+        module name) that module's input at every step, [N, S, ...] (guided: [N, S, 2, ...], unconditional
+        first). The η > 0 noise of trajectory i comes from image_generators(seed, [i])."""
+        module = dict(net.named_modules())[feature] if feature else None
+
+        def run(r):
+            seen, g = [], image_generators(seed, r.tolist()) if eta else None
+            hook = module and module.register_forward_hook(lambda m, a, out: seen.append(a[0].cpu()))
+            try:
+                eps = self.eps(net, None if labels is None else labels[r], cfg_scale)
+                _, traj = self.sample(eps, noise[r], seq, eta=eta, trajectory=True, generator=g)
+            finally:
+                if hook:
+                    hook.remove()
+            xs = torch.stack([x for x, _, _ in traj], 1)
+            if not module:
+                return xs
+            f = torch.stack(seen, 1)                                    # [b or 2b (uncond; cond), S, ...]
+            return xs, f if len(f) == len(r) else f.unflatten(0, (2, -1)).transpose(0, 1).transpose(1, 2)
+        return map_rows(run, len(noise), batch, desc="FP trajectories")
+
     def points(self, net, noise, seq, generator, *, labels=None, eta=0.0, cfg_scale=1.0, n=512):
         """common.held_out on this model's sampler: n random inputs (x, t, idx[, y]) of net's trajectories."""
         return held_out(self.eps(net, labels, cfg_scale), noise, seq, self.alphas_cumprod, generator, n=n,
@@ -178,16 +203,20 @@ def sample_sharded(sample_fn, n, shape, *, seed, batch, rank=0, world=1):
 
 
 @torch.no_grad()
-def map_rows(fn, n, batch, *, shard=True, progress=True):
-    """torch.cat of fn(rows) over rows 0..n−1, `batch` at a time. Under torchrun (shard) process r takes rows
-    r, r + W, ..., each call padded to `batch` rows with copies of its first (a kernel may round differently
-    at another size), and every process gets all n rows in order: the same result for any process count."""
+def map_rows(fn, n, batch, *, shard=True, progress=True, desc="sampling"):
+    """torch.cat of fn(rows) over rows 0..n−1, `batch` at a time (fn may return a tuple: each joined alone).
+    Under torchrun (shard) process r takes rows r, r + W, ..., each call padded to `batch` rows with copies
+    of its first (a kernel may round differently at another size), and every process gets all n rows in
+    order: the same result for any process count."""
     world, rank = world_rank() if shard else (1, 0)
     rows, out = torch.arange(rank, n, world), []
-    for i in tqdm(range(0, len(rows), batch), desc="sampling", leave=False, disable=not progress):
+    for i in tqdm(range(0, len(rows), batch), desc=desc, leave=False, disable=not progress):
         r = rows[i:i + batch]
-        out.append(fn(torch.cat([r, r[:1].expand(batch - len(r) if world > 1 else 0)]))[:len(r)])
-    return gather_rows(torch.cat(out), n, world) if world > 1 else torch.cat(out)
+        y = fn(torch.cat([r, r[:1].expand(batch - len(r) if world > 1 else 0)]))
+        out.append([v[:len(r)] for v in (y if isinstance(y, tuple) else (y,))])
+    parts = [torch.cat(p) for p in zip(*out)]
+    parts = [gather_rows(p, n, world) for p in parts] if world > 1 else parts
+    return tuple(parts) if isinstance(y, tuple) else parts[0]
 
 
 @contextlib.contextmanager
