@@ -17,12 +17,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dilatequant as dq
 import edadm as ed
-from common import QuantConv2d, QuantLinear, parse_config, pick_device, run_main
+from common import parse_config, pick_device, run_main
 from models import ddpm, load_model, sampling_mode
 
 

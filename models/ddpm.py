@@ -14,6 +14,7 @@ arXiv 2006.11239; TF code hojonathanho/diffusion), with the module names of its 
     python -m models.ddpm --out grid.png                          # the bundled model, offline
     python -m models.ddpm --model ddpm-cifar10 --out grid.png     # the paper's (downloads 143 MB)
     torchrun --nproc_per_node 8 -m models.ddpm -- --model ddpm-cifar10 --n 50000 --batch 500 --out s.npz
+    python -m models.ddpm --load runs/dilatequant/dilatequant.int.safetensors   # integer kernels (intq.py)
 """
 import math
 import re
@@ -136,6 +137,7 @@ class UNet(nn.Module):
                  resolution, min_group=1):
         super().__init__()
         self.ch, self.num_res_blocks, self.resolution = ch, num_res_blocks, resolution
+        self.in_channels = in_channels
         self.num_resolutions = len(ch_mult)
         temb_ch = ch * 4
         self.temb = nn.Module()
@@ -266,6 +268,7 @@ class Config:
     batch: int = 64               # images per forward (the same for any number of processes)
     device: str = "auto"          # auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)
     out: str = "samples.png"      # a PNG grid, or .npz: uint8 [N, H, W, 3] under arr_0 (ADM's convention)
+    load: str = ""                # a packed integer model (export_int.py) to sample instead of --model
 
 
 def main():
@@ -278,11 +281,27 @@ def main():
     rank, world, device = distributed(cfg.device)
     seed_everything(cfg.seed)
     seq, abar = ddim_timesteps(cfg.skip, cfg.steps), linear_alphas_cumprod()
-    net = load_unet(cfg.model, cfg.ckpt or None).to(device)
+    net, eps, step = (load_unet(cfg.model, cfg.ckpt or None), None, None) if not cfg.load else (None,) * 3
+    if cfg.load:                                   # integer kernels (models/intq.py)
+        from models import intq
+        net, header, eps_k = intq.load_int_model(cfg.load)
+        if header["model"] not in CONFIGS:
+            raise UserError(f"{cfg.load}: a packed {header['model']}; sample it with python -m models.dit")
+        if header["tool"] == "dilatequant" and cfg.steps != header["steps"]:
+            raise UserError(f"--steps {cfg.steps}: {cfg.load} has quantizers for {header['steps']} steps")
+        k_t, now = (eps_k if eps_k is not None else torch.ones(cfg.steps)).to(device), [0]
+
+        def step(i):                               # DilateQuant: step i's quantizer row, and ε̂ / k_i
+            now[0] = i
+            intq.set_step(net, torch.tensor([i], device=device))
+
+        def eps(x, t):
+            return net(x, t) / k_t[now[0]]
+    net = net.to(device)
     t0 = time.time()
-    images = sample_sharded(lambda x, gens, idx: ddim_sample(net, x.to(device), seq, abar, eta=cfg.eta,
-                                                             generator=gens),
-                            cfg.n, (net.conv_in.in_channels, net.resolution, net.resolution), seed=cfg.seed,
+    images = sample_sharded(lambda x, gens, idx: ddim_sample(eps or net, x.to(device), seq, abar, eta=cfg.eta,
+                                                             generator=gens, before_step=step),
+                            cfg.n, (net.in_channels, net.resolution, net.resolution), seed=cfg.seed,
                             batch=cfg.batch, rank=rank, world=world)
     if save_images(images, cfg.out):
         print(f"{cfg.n} samples, {cfg.steps} {cfg.skip} DDIM steps, {world} process(es), "

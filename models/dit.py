@@ -248,6 +248,7 @@ class Config:
     batch: int = 64               # images per forward (the same for any number of processes; CFG doubles it)
     device: str = "auto"          # auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)
     out: str = "samples.png"      # a PNG grid, or .npz: uint8 [N, H, W, 3] under arr_0 (ADM's convention)
+    load: str = ""                # a packed integer model (export_int.py of a qdit.py rung), not --model
 
 
 def main():
@@ -259,7 +260,15 @@ def main():
         raise UserError("need --out .png/.npz, --n/--batch >= 1, --steps >= 2, --eta >= 0, --cfg-scale >= 1")
     rank, world, device = distributed(cfg.device)
     seq, abar = ddim_timesteps("even", cfg.steps), linear_alphas_cumprod()
-    net, size = load_dit(cfg.model, cfg.ckpt or None).to(device), CONFIGS[cfg.model]["input_size"]
+    if cfg.load:                                                    # integer kernels (models/intq.py)
+        from models import intq
+        net, header, _ = intq.load_int_model(cfg.load)
+        if header["model"] not in CONFIGS:
+            raise UserError(f"{cfg.load}: a packed {header['model']}; sample it with python -m models.ddpm")
+        cfg.model = header["model"]
+    else:
+        net = load_dit(cfg.model, cfg.ckpt or None)
+    net, size = net.to(device), CONFIGS[cfg.model]["input_size"]
     decode = (sd_vae.load_vae(*(cfg.vae, None) if cfg.vae in sd_vae.CONFIGS else ("sd-vae-ft-mse", cfg.vae))
               if net.in_channels == 4 else nn.Identity()).to(device)       # latents: the SD VAE, as qdit.py
 
