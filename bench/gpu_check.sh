@@ -16,10 +16,10 @@ DEVICE=${DEVICE:-cuda}
 step() { local t=$1; shift; echo "== $* (limit ${t} s)"; timeout "$t" "$@" 2>&1 | grep -v "it/s\]\|s/it\]"
          echo "-- exit ${PIPESTATUS[0]}"; }
 
-step 60 python bench/bench_qforward.py --model ddpm-cifar10 --batch 256 --rounds 3 --device "$DEVICE"
-step 60 python bench/bench_qforward.py --model ddpm-cifar10 --batch 256 --rounds 3 --device "$DEVICE" \
+step 45 python bench/bench_qforward.py --model ddpm-cifar10 --batch 256 --rounds 3 --device "$DEVICE"
+step 45 python bench/bench_qforward.py --model ddpm-cifar10 --batch 256 --rounds 3 --device "$DEVICE" \
      --amp bf16
-step 90 python - "$DEVICE" <<'PY'
+step 75 python - "$DEVICE" <<'PY'
 import sys, time, torch
 import qdit
 from models.dit import DiT, XL_2, eps_fn
@@ -45,10 +45,10 @@ for amp in ("none", "bf16"):
         print(f"DiT-XL/2 256 px, {name:24s} {amp:4s}: {s * 1e3:7.1f} ms per CFG forward of 32 images "
               f"({32 / s:6.1f} images x steps / s)")
 PY
-step 90 python bench/bench_dilatequant.py --iters 3 --device "$DEVICE"
-step 90 python bench/bench_edadm.py --iters 3 --device "$DEVICE"
+step 75 python bench/bench_dilatequant.py --iters 3 --device "$DEVICE"
+step 75 python bench/bench_edadm.py --iters 3 --device "$DEVICE"
 step 120 python bench/bench_qdit.py --blocks 28 --calib 256 --fit-n 64 --fit-steps 50 --device "$DEVICE"
-step 40 python - "$DEVICE" <<'PY'
+step 30 python - "$DEVICE" <<'PY'
 import sys, time, torch
 import eval_fid
 device = torch.device(sys.argv[1])
