@@ -35,6 +35,7 @@ from models.ddpm import UNet, from_diffusers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIX = os.path.join(HERE, "fixtures")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # 2 procs
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 TINY = dict(ch=32, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1,
             in_channels=3, resolution=32)  # the official CIFAR-10 structure at 1/4 width
@@ -418,8 +419,7 @@ def test_samplers_under_torchrun_write_the_same_images(tmp_path, sampler):
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "a.npz")], cwd=HERE, env=env,
                          capture_output=True, text=True, timeout=300)
     # torchrun parses flags that abbreviate its own (--n: --nnodes, --nproc_per_node) unless after `--`
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    two = subprocess.run([*torchrun, *args[:2], "--", *args[2:], "--out", str(tmp_path / "b.npz")], cwd=HERE,
+    two = subprocess.run([*TORCHRUN, *args[:2], "--", *args[2:], "--out", str(tmp_path / "b.npz")], cwd=HERE,
                          env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-500:], two.stderr[-500:])
     assert "2 process(es)" in two.stdout and "destroy_process_group" not in two.stderr   # closed at exit
@@ -461,18 +461,21 @@ def test_dit_sampler_png_latents_and_bad_input(tmp_path, monkeypatch):
     assert z.shape == (3, 16, 16, 3) and z.dtype == np.uint8                # 8×8 latents, decoded ×2
 
 
-def test_method_evaluation_under_torchrun_gives_the_same_metrics(tmp_path):
+def one_and_two_processes(script, flags, tmp_path):
+    """`script` with `flags` as one process (out: tmp_path/one) and under torchrun as two (tmp_path/two);
+    returns the two results.json metrics."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    flags = ["--iters", "1", "--n", "8", "--calib", "8", "--calib-traj", "4", "--eval-batch", "4",
-             "--batch", "4", "--steps", "2", "--eta", "1", "--ablate=", "--ref="]  # η noise: per image
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    one_cmd = [sys.executable, "dilatequant.py"]
-    two_cmd = [*torchrun, "dilatequant.py", "--"]                  # training replicated, sampling shared out
-    for cmd, out in ((one_cmd, "one"), (two_cmd, "two")):
+    for cmd, out in (([sys.executable, script], "one"), ([*TORCHRUN, script, "--"], "two")):
         r = subprocess.run([*cmd, *flags, "--out", str(tmp_path / out)], cwd=HERE, env=env,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-500:]
-    one, two = (json.load(open(tmp_path / d / "results.json"))["metrics"] for d in ("one", "two"))
+    return [json.load(open(tmp_path / d / "results.json"))["metrics"] for d in ("one", "two")]
+
+
+def test_method_evaluation_under_torchrun_gives_the_same_metrics(tmp_path):
+    flags = ["--iters", "1", "--n", "8", "--calib", "8", "--calib-traj", "4", "--eval-batch", "4",
+             "--batch", "4", "--steps", "2", "--eta", "1", "--ablate=", "--ref="]  # η noise: per image
+    one, two = one_and_two_processes("dilatequant.py", flags, tmp_path)   # training replicated, rest shared
     assert set(one) == set(two) == {"fp", "ptq", "dilatequant"}
     for v in one:
         assert (one[v]["eps_mse"], one[v]["psnr"]) == (two[v]["eps_mse"], two[v]["psnr"]), v
@@ -481,32 +484,20 @@ def test_method_evaluation_under_torchrun_gives_the_same_metrics(tmp_path):
 
 
 def test_edadm_calibration_and_evaluation_under_torchrun_match_one_process(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     flags = ["--iters", "1", "--n", "6", "--calib", "8", "--calib-traj", "6", "--eval-batch", "4",
              "--batch", "4", "--steps", "3", "--eta", "1", "--ablate=", "--ref="]   # 6 trajectories, η noise
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    for cmd, out in (([sys.executable, "edadm.py"], "one"), ([*torchrun, "edadm.py", "--"], "two")):
-        r = subprocess.run([*cmd, *flags, "--out", str(tmp_path / out)], cwd=HERE, env=env,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-500:]
-    one, two = (json.load(open(tmp_path / d / "results.json"))["metrics"] for d in ("one", "two"))
+    one, two = one_and_two_processes("edadm.py", flags, tmp_path)
     assert one["tdac"]["D"] == two["tdac"]["D"] and one["tdac"]["V"] == two["tdac"]["V"]   # same trajectories
     for v in ("fp", "ptq", "brecq", "edadm"):
         assert (one[v]["eps_mse"], one[v]["psnr"]) == (two[v]["eps_mse"], two[v]["psnr"]), v
 
 
 def test_qdit_under_torchrun_gives_the_same_metrics_and_search(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     flags = ["--n", "8", "--steps", "2", "--calib", "8", "--calib-steps", "2", "--calib-batch", "2",
              "--no-gptq", "--epochs", "1", "--population", "3", "--topk", "2", "--crossover", "2",
              "--mutation", "2", "--fit-n", "4", "--fit-steps", "2", "--fitness", "mse", "--eval-batch", "4",
              "--ref="]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    for cmd, out in (([sys.executable, "qdit.py"], "one"), ([*torchrun, "qdit.py", "--"], "two")):
-        r = subprocess.run([*cmd, *flags, "--out", str(tmp_path / out)], cwd=HERE, env=env,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-500:]
-    one, two = (json.load(open(tmp_path / d / "results.json"))["metrics"] for d in ("one", "two"))
+    one, two = one_and_two_processes("qdit.py", flags, tmp_path)
     assert one["search"]["evaluated"] >= 4                          # candidates shared over the processes
     assert one["search"]["elite"] == two["search"]["elite"]          # the same candidates and fitness values
     for v in ("fp", "rtn", "g64_static", "g64_dynamic", "searched"):
@@ -980,11 +971,10 @@ def test_fid_cli_save_stats_equal_pytorch_fid(tmp_path):
 def test_fid_statistics_under_torchrun_equal_one_process(tmp_path):
     np.savez(tmp_path / "a.npz", arr_0=reference()["images32"][:10])
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     args = ["eval_fid.py", str(tmp_path / "a.npz"), "--save-stats"]
     one, two = (subprocess.run([*launch, *args, str(tmp_path / out)], cwd=HERE, env=env, capture_output=True,
                                text=True, timeout=300)
-                for launch, out in (([sys.executable], "one.npz"), (torchrun, "two.npz")))
+                for launch, out in (([sys.executable], "one.npz"), (TORCHRUN, "two.npz")))
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-400:], two.stderr[-400:])
     a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")   # 5 images per process, sums reduced
     assert np.abs(a["mu"] - b["mu"]).max() <= 1e-10 and np.abs(a["sigma"] - b["sigma"]).max() <= 1e-10
