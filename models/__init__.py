@@ -186,33 +186,31 @@ def image_generators(seed, indices):
 
 
 @torch.no_grad()
-def sample_sharded(sample_fn, n, shape, *, seed, batch, rank=0, world=1):
-    """Images 0..n−1 as uint8 [n, H, W, 3] on rank 0 (None on the others). Rank r samples r, r + W, ... with
-    sample_fn(x_T, generators, indices) -> [b, 3, H, W] in [−1, 1]; every call holds exactly min(batch, n)
-    images, whatever the world size (the last padded: a kernel may round differently at another size)."""
-    mine, out, batch = list(range(rank, n, world)), [], min(batch, n)
-    for i in tqdm(range(0, len(mine), batch), desc="sampling", disable=rank != 0):
-        idx = mine[i:i + batch]
-        gens = image_generators(seed, idx + [n] * (batch - len(idx)))        # padding: image n's, unused
-        x = torch.stack([torch.randn(shape, generator=g) for g in gens])
-        x = sample_fn(x, gens, idx + [0] * (batch - len(idx)))[:len(idx)]
-        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
-    images = torch.cat(out) if out else torch.zeros(0, *shape[1:], 3, dtype=torch.uint8)
-    images = gather_rows(images, n, world) if world > 1 else images
-    return images if rank == 0 else None
+def sample_sharded(sample_fn, n, shape, *, seed, batch):
+    """Images 0..n−1 as uint8 [n, H, W, 3] on rank 0 (None on the others), shared out by map_rows, every call
+    holding exactly min(batch, n) images whatever the number of processes (the last padded: a kernel may round
+    differently at another size). sample_fn(x_T, generators, indices) -> [b, 3, H, W] in [−1, 1]; image i's
+    x_T and generator come from image_generators(seed, [i])."""
+    def run(idx):
+        gens = image_generators(seed, idx.tolist())
+        x = sample_fn(torch.stack([torch.randn(shape, generator=g) for g in gens]), gens, idx.tolist())
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    images = map_rows(run, n, min(batch, n), pad=True, progress=world_rank()[1] == 0)
+    return images if world_rank()[1] == 0 else None
 
 
 @torch.no_grad()
-def map_rows(fn, n, batch, *, shard=True, progress=True, desc="sampling"):
+def map_rows(fn, n, batch, *, shard=True, pad=False, progress=True, desc="sampling"):
     """torch.cat of fn(rows) over rows 0..n−1, `batch` at a time (fn may return a tuple: each joined alone).
-    Under torchrun (shard) process r takes rows r, r + W, ..., each call padded to `batch` rows with copies
-    of its first (a kernel may round differently at another size), and every process gets all n rows in
-    order: the same result for any process count."""
+    Under torchrun (shard) process r takes rows r, r + W, ..., each call padded to `batch` rows (also alone
+    with pad) with copies of its first (a kernel may round differently at another size), and every process
+    gets all n rows in order: the same result for any process count."""
     world, rank = world_rank() if shard else (1, 0)
     rows, out = torch.arange(rank, n, world), []
-    for i in tqdm(range(0, len(rows), batch), desc=desc, leave=False, disable=not progress):
-        r = rows[i:i + batch]
-        y = fn(torch.cat([r, r[:1].expand(batch - len(r) if world > 1 else 0)]))
+    for i in tqdm(range(0, max(len(rows), 1), batch), desc=desc, leave=False, disable=not progress):
+        r = rows[i:i + batch]                                       # empty on a process with no rows
+        y = fn(torch.cat([r, (r[:1] if len(r) else rows.new_zeros(1)).expand(
+            batch - len(r) if world > 1 or pad else 0)]))
         out.append([v[:len(r)] for v in (y if isinstance(y, tuple) else (y,))])
     parts = [torch.cat(p) for p in zip(*out)]
     parts = [gather_rows(p, n, world) for p in parts] if world > 1 else parts

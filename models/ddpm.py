@@ -278,7 +278,7 @@ def main():
     if not cfg.out.endswith((".png", ".npz")) or cfg.n < 1 or cfg.batch < 1:
         raise UserError(f"--out {cfg.out} / --n {cfg.n} / --batch {cfg.batch}: need a .png or .npz file, "
                         "n >= 1 and batch >= 1")
-    rank, world, device = distributed(cfg.device)
+    _, world, device = distributed(cfg.device)
     seed_everything(cfg.seed)
     seq, abar = ddim_timesteps(cfg.skip, cfg.steps), linear_alphas_cumprod()
     net, eps, step = (load_unet(cfg.model, cfg.ckpt or None), None, None) if not cfg.load else (None,) * 3
@@ -302,7 +302,7 @@ def main():
     images = sample_sharded(lambda x, gens, idx: ddim_sample(eps or net, x.to(device), seq, abar, eta=cfg.eta,
                                                              generator=gens, before_step=step),
                             cfg.n, (net.in_channels, net.resolution, net.resolution), seed=cfg.seed,
-                            batch=cfg.batch, rank=rank, world=world)
+                            batch=cfg.batch)
     if save_images(images, cfg.out):
         print(f"{cfg.n} samples, {cfg.steps} {cfg.skip} DDIM steps, {world} process(es), "
               f"{time.time() - t0:.1f} s -> {cfg.out}")

@@ -258,7 +258,7 @@ def main():
     if not (cfg.out.endswith((".png", ".npz")) and min(cfg.n, cfg.batch) >= 1 and cfg.steps >= 2
             and cfg.eta >= 0 and cfg.cfg_scale >= 1):
         raise UserError("need --out .png/.npz, --n/--batch >= 1, --steps >= 2, --eta >= 0, --cfg-scale >= 1")
-    rank, world, device = distributed(cfg.device)
+    _, world, device = distributed(cfg.device)
     seq, abar = ddim_timesteps("even", cfg.steps), linear_alphas_cumprod()
     if cfg.load:                                                    # integer kernels (models/intq.py)
         from models import intq
@@ -277,8 +277,7 @@ def main():
         return decode(ddim_sample(eps_fn(net, y, cfg.cfg_scale), x.to(device), seq, abar, eta=cfg.eta,
                                   generator=gens))
     t0 = time.time()
-    images = sample_sharded(sample, cfg.n, (net.in_channels, size, size), seed=cfg.seed, batch=cfg.batch,
-                            rank=rank, world=world)
+    images = sample_sharded(sample, cfg.n, (net.in_channels, size, size), seed=cfg.seed, batch=cfg.batch)
     if save_images(images, cfg.out):
         print(f"{cfg.n} images, DDIM-{cfg.steps}, {world} process(es), {time.time() - t0:.1f} s -> {cfg.out}")
 

@@ -623,7 +623,7 @@ def main():
     if not cfg.out.endswith((".png", ".npz")):
         raise UserError(f"--out {cfg.out}: a .png grid or an .npz (uint8 arr_0)")
     d = load_model(cfg.model, cfg.ckpt or None, cfg_scale=cfg.cfg_scale)
-    rank, world, device = distributed(cfg.device)
+    _, world, device = distributed(cfg.device)
     seed_everything(cfg.seed)
     net, decode, seq = d.net.to(device), d.decode.to(device), d.timesteps(cfg.steps)
 
@@ -631,7 +631,7 @@ def main():
         y = None if not d.classes else torch.tensor(idx) % d.classes
         z = d.sample(d.eps(net, y, cfg.cfg_scale), x.to(device), seq, eta=cfg.eta, generator=gens)
         return decode(z)
-    images = sample_sharded(sample, cfg.n, d.shape, seed=cfg.seed, batch=cfg.batch, rank=rank, world=world)
+    images = sample_sharded(sample, cfg.n, d.shape, seed=cfg.seed, batch=cfg.batch)
     if save_images(images, cfg.out):
         print(f"{cfg.n} samples of {cfg.model}, DDIM-{cfg.steps} η {cfg.eta}, CFG {cfg.cfg_scale}, {world} "
               f"process(es) -> {cfg.out}")
