@@ -2301,24 +2301,6 @@ def test_bad_files_raise_clear_errors(tmp_path):
         intq.rebuild(*intq.load_packed(path), path)
 
 
-def fake_quant_unet(net, w_bits, a_bits, x, t):
-    """Every Conv/Linear of net as QuantConv2d/QuantLinear: per-channel min-max weights, per-tensor static
-    inputs with the min-max of one FP forward."""
-    def make(name, layer):
-        wq = Quantizer(w_bits, "channel")
-        wq.set_range(*minmax_range(wq.rows(layer.weight)))
-        cls = QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d
-        return cls.from_float(layer, wq, Quantizer(a_bits))
-    q = replace_modules(net, lambda n, m: isinstance(m, (nn.Conv2d, nn.Linear)), make)
-    calib = lambda m, a: m.aq.set_range(a[0].min().view(1, 1), a[0].max().view(1, 1))  # noqa: E731
-    hooks = [m.register_forward_pre_hook(calib) for m in q.modules() if isinstance(m, QUANT)]
-    q(x, t)
-    for h in hooks:
-        h.remove()
-    set_quant(q, True, True)
-    return q
-
-
 @pytest.mark.parametrize("wb,ab", [(8, 8), (4, 8)])
 def test_whole_unet_matches_fake_quant(wb, ab):
     """The bundled UNet, every Conv/Linear converted. In float64 the integer model reproduces the fake-quant
@@ -2328,10 +2310,9 @@ def test_whole_unet_matches_fake_quant(wb, ab):
     model in float32 and in float64 differ as much)."""
     torch.manual_seed(0)
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([10.0, 700.0])
-    q = fake_quant_unet(load_unet("ddpm-cifar10-small"), wb, ab, x, t)
+    q = intq.minmax_model(load_unet("ddpm-cifar10-small"), wb, ab, x, t)
     with torch.no_grad():
-        n = replace_modules(copy.deepcopy(q), lambda _, m: isinstance(m, QUANT),
-                            lambda _, m: intq.from_quant_layer(m))
+        n = intq.packed_model(q)
         kinds = {m.kind for m in n.modules() if isinstance(m, intq._IntLayer)}
         assert kinds == {f"int8 _int_mm W{wb}A{ab} static"}
         seen = {}

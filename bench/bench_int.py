@@ -18,9 +18,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (Quantizer, QuantConv2d, QuantLinear, ddim_sample, ddim_timesteps, linear_alphas_cumprod,
-                    minmax_range, parse_config, read_safetensors, replace_modules, run_main, save_safetensors,
-                    set_quant)
+from common import (QuantConv2d, QuantLinear, ddim_sample, ddim_timesteps, linear_alphas_cumprod,
+                    parse_config, read_safetensors, run_main, save_safetensors)
 from models import intq
 from models.ddpm import CONFIGS, UNet, load_unet
 
@@ -39,24 +38,6 @@ class Config:
     child: str = ""               # internal: sample from this file, print the peak RSS in MB
 
 
-def fake_quant_model(net, w_bits, a_bits, x, t):
-    """A copy of net, each Conv/Linear fake-quantized: per-channel min-max weights, per-tensor static inputs
-    with the min-max of one FP forward on (x, t)."""
-    def make(name, layer):
-        wq = Quantizer(w_bits, "channel")
-        wq.set_range(*minmax_range(wq.rows(layer.weight)))
-        cls = QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d
-        return cls.from_float(layer, wq, Quantizer(a_bits))
-    q = replace_modules(copy.deepcopy(net), lambda n, m: isinstance(m, (nn.Conv2d, nn.Linear)), make)
-    calib = lambda m, a: m.aq.set_range(a[0].min().view(1, 1), a[0].max().view(1, 1))  # noqa: E731
-    hooks = [m.register_forward_pre_hook(calib) for m in q.modules() if isinstance(m, QUANT)]
-    q(x, t)
-    for h in hooks:
-        h.remove()
-    set_quant(q, True, True)
-    return q
-
-
 def exact_check(q, n, x, t):
     """The max-norm relative error in float64, the fake-quant weights frozen at their float32 grid values."""
     q, n = copy.deepcopy(q), copy.deepcopy(n).double()
@@ -68,17 +49,14 @@ def exact_check(q, n, x, t):
 
 
 def child(cfg):
-    """Rebuild the UNet on the meta device from a file (packed: intq.load_packed; else FP32 weights), so that
-    no FP32 copy is ever made, run 2 DDIM steps at --batch, print the peak RSS in MB."""
-    with torch.device("meta"):
-        net = UNet(**CONFIGS[cfg.model]).eval()
-    modules, rest = intq.rebuild(*intq.load_packed(cfg.child), cfg.child) if cfg.child.endswith(
-        ".int.safetensors") else ({}, read_safetensors(cfg.child))
-    for name, m in modules.items():
-        parent, _, leaf = name.rpartition(".")
-        setattr(net.get_submodule(parent), leaf, m)
-    net.load_state_dict(rest, strict=False, assign=True)
-    assert not any(p.is_meta for p in net.state_dict().values()), "some tensors were not in the file"
+    """The UNet from a file, built on the meta device so that no other copy of its weights is made (packed:
+    intq.load_int_model), 2 DDIM steps at --batch; prints the peak RSS in MB."""
+    if cfg.child.endswith(".int.safetensors"):
+        net = intq.load_int_model(cfg.child)[0]
+    else:
+        with torch.device("meta"):
+            net = UNet(**CONFIGS[cfg.model]).eval()
+        net.load_state_dict(read_safetensors(cfg.child), assign=True)
     with torch.no_grad():
         ddim_sample(net, torch.randn(cfg.batch, 3, 32, 32), ddim_timesteps("quad", 2),
                     linear_alphas_cumprod())
@@ -98,9 +76,8 @@ def bench(cfg, name, net):
                    for p in m.parameters())
     models, rows = {"FP32": net}, {}
     for s, (wb, ab) in {"W8A8": (8, 8), "W4A8": (4, 8)}.items():
-        q = fake_quant_model(net, wb, ab, xc, tc)
-        n = replace_modules(copy.deepcopy(q), lambda _, m: isinstance(m, QUANT),
-                            lambda _, m: intq.from_quant_layer(m))
+        q = intq.minmax_model(net, wb, ab, xc, tc)
+        n = intq.packed_model(q)
         layers = [m for m in n.modules() if isinstance(m, intq._IntLayer)]
         ref = q(x, t)
         rows[s] = dict(packed=sum(map(intq.packed_bytes, layers)), kinds=Counter(m.kind for m in layers),
@@ -146,7 +123,7 @@ def rss(cfg, models):
             mods = {k: m for k, m in n.named_modules() if isinstance(m, intq._IntLayer)}
             rest = {k: v for k, v in n.state_dict().items() if k.rpartition(".")[0] not in mods}
             p = os.path.join(d, f"{s}.int.safetensors")
-            size = intq.save_packed(p, mods, rest, dict(setting=s))
+            size = intq.save_packed(p, mods, rest, dict(setting=s, model=cfg.model))
             peak[s] = peak_rss(p)
             mb = {k: f"{v / 2**20:.2f} MB" for k, v in size.items()}
             print(f"{s} file {mb['file_bytes']}: {mb['packed_bytes']} packed layers, "

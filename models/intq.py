@@ -22,6 +22,7 @@ by the module's `t_idx`: an int, or a LongTensor [B] of per-sample rows, DilateQ
 T = 1 always uses row 0), "dynamic" (IntLinear only: per token and segment min-max, Q-DiT's qdit.qparams),
 or None (that segment's input stays float and meets the dequantized weights in a float matmul or conv).
 """
+import copy
 import json
 import os
 
@@ -29,9 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import QuantLinear, Quantizer, UserError, qrange, quant_params, read_safetensors, save_safetensors
+from common import (QuantConv2d, QuantLinear, Quantizer, UserError, minmax_range, qrange, quant_params,
+                    read_safetensors, replace_modules, save_safetensors, set_quant)
 
 FORMAT = "intq-1"
+QUANT = (QuantLinear, QuantConv2d)   # the fake-quant layers of common.py
 CHUNK = 1 << 22          # bytes of im2col columns per GEMM (IntConv)
 STATE = ("codes", "w_scale", "w_zero", "bias", "pre_scale", "a_delta", "a_zero")   # the tensors a file keeps
 
@@ -351,6 +354,31 @@ def from_quant_layer(m):
     return IntConv.pack(w_hat, wq.delta, wq.zero, stride=stride, padding=padding, dilation=dilation, **args)
 
 
+@torch.no_grad()
+def minmax_model(net, w_bits, a_bits, *inputs):
+    """A copy of net with each Conv2d/Linear a common.QuantConv2d/QuantLinear that from_quant_layer takes:
+    per-channel min-max weights, per-tensor static inputs with the min-max of one FP forward net(*inputs)."""
+    def make(name, layer):
+        wq = Quantizer(w_bits, "channel")
+        wq.set_range(*minmax_range(wq.rows(layer.weight)))
+        wrap = QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d
+        return wrap.from_float(layer, wq, Quantizer(a_bits))
+    q = replace_modules(copy.deepcopy(net), lambda n, m: isinstance(m, (nn.Conv2d, nn.Linear)), make)
+    calib = lambda m, a: m.aq.set_range(a[0].min().view(1, 1), a[0].max().view(1, 1))  # noqa: E731
+    hooks = [m.register_forward_pre_hook(calib) for m in q.modules() if isinstance(m, QUANT)]
+    q(*inputs)
+    for h in hooks:
+        h.remove()
+    set_quant(q, True, True)
+    return q
+
+
+def packed_model(q):
+    """A copy of q with every QuantLinear/QuantConv2d replaced by from_quant_layer's integer layer."""
+    return replace_modules(copy.deepcopy(q), lambda _, m: isinstance(m, QUANT),
+                           lambda _, m: from_quant_layer(m))
+
+
 # -----------------------------------------------------------------------------
 # The file: safetensors, tensor "<layer>.<name>" for each name in STATE, the layouts in __metadata__["intq"]
 
@@ -452,11 +480,13 @@ def set_module(net, name, module):
 
 
 def load_int_model(path):
-    """(network, header, eps_k or None) of an export_int.py file: the float architecture, its quantized layers
-    IntLinear / IntConv, TableQuant at the quantized hooks, the float rest loaded strictly. Eval mode."""
+    """(network, header, eps_k or None) of a packed file (export_int.py): the float architecture, built on the
+    meta device (no fp32 copy of the weights is ever made), its quantized layers IntLinear / IntConv,
+    TableQuant at the quantized hooks, the float rest loaded strictly. Eval mode."""
     tensors, info = load_packed(path)
     header = info["header"]
-    net = architecture(header.get("model"))
+    with torch.device("meta"):
+        net = architecture(header.get("model"))
     modules, rest = rebuild(tensors, info, path)
     hooks = header.get("hooks", {})
     floats = float_keys(net, modules, hooks)
@@ -471,7 +501,7 @@ def load_int_model(path):
     if missing or unexpected:
         raise UserError(f"{path}: its float tensors do not fit {header.get('model')} (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]})")
-    net.load_state_dict(rest, strict=False)
+    net.load_state_dict(rest, strict=False, assign=True)
     return net.eval().requires_grad_(False), header, eps_k
 
 
